@@ -12,10 +12,12 @@ reqwest's multipart Form; see reqwest src/async_impl/multipart.rs):
 - CRLF line endings only; a boundary line may carry trailing spaces/tabs (RFC 2046 padding);
 - a delimiter inside part data that is not followed by "--" or padding + CRLF is an error, not data:
   RFC 2046 forbids the boundary inside the parts, so such a body is corrupt or forged;
-- each part needs `Content-Disposition: form-data` with a `name`; values are quoted strings (with
-  backslash escapes, as reqwest writes `filename="a\\"b"`) or tokens; `name*=`/`filename*=` are read
-  only as `utf-8''percent-encoded` (reqwest sends `name*=utf-8''sub%2Ffile.txt` for any field name
-  with '/', a space, '%', non-ASCII...; the field name is the file's path inside the job folder);
+- each part needs `Content-Disposition: form-data` with a `name`; a value is a quoted string (with
+  backslash escapes, as reqwest writes `filename="a\\"b"`) or unquoted up to the next `; param=`;
+  `name*=`/`filename*=` are read only as `utf-8''percent-encoded` and win over name/filename.
+  reqwest sends `name*=utf-8''sub%2Fa(1).txt` for a field name with '/', a space, '%', non-ASCII...
+  (the field name is the file's path inside the job folder) and leaves ( ) ; = @ [ \\ ] in it raw;
+  it does not escape a '\\' in name="...", so a name ending in '\\' cannot be read and is refused;
 - header names are case-insensitive, values UTF-8; folded lines, bare CR or LF, control characters,
   duplicate headers or parameters are errors;
 - a completely empty body is a form with no parts: reqwest sends exactly that (Content-Length: 0)
