@@ -603,6 +603,8 @@ class Store:
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
+        self._trash_added = threading.Event()
+        threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
             db.execute("PRAGMA journal_mode = WAL")
             for statement in SCHEMA:
@@ -694,18 +696,25 @@ class Store:
         return self._open_payload(job_id, "output")
 
     def discard(self, path):
-        """Remove a file or a whole directory; directories are renamed away first, so a
-        process still writing by relative path never writes into a new directory of that name."""
+        """Remove a file or a whole directory. A directory is renamed into the trash at
+        once (so a process still writing by relative path never writes into a new
+        directory of that name) and deleted by a background thread, off the job's path."""
         if os.path.isdir(path) and not os.path.islink(path):
-            doomed = os.path.join(self.dirs["trash"], uuid.uuid4().hex)
             try:
-                os.rename(path, doomed)
+                os.rename(path, os.path.join(self.dirs["trash"], uuid.uuid4().hex))
+                self._trash_added.set()
             except OSError:
-                doomed = path
-            shutil.rmtree(doomed, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def _empty_trash(self):
+        while True:
+            self._trash_added.wait()
+            self._trash_added.clear()
+            for name in os.listdir(self.dirs["trash"]):
+                shutil.rmtree(os.path.join(self.dirs["trash"], name), ignore_errors=True)
 
     # -- the life of a job ---------------------------------------------------------------
 
@@ -869,12 +878,12 @@ def job_environment():
     return env
 
 
-def run_command(job_dir, env):
-    """argv for run.sh: itself when it has a #! line, else bash (or /bin/sh without bash)."""
+def run_command(job_dir, shell):
+    """argv for run.sh: itself when it has a #! line, else `shell` (bash, or /bin/sh)."""
     with open(os.path.join(job_dir, RUN_SH), "rb") as f:
         if f.read(2) == b"#!":
             return ["./" + RUN_SH]
-    return [shutil.which("bash", path=env.get("PATH", os.defpath)) or "/bin/sh", RUN_SH]
+    return [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
@@ -978,6 +987,9 @@ class Runner:
     def __init__(self, store, cfg, log):
         self.store, self.cfg, self.log = store, cfg, log
         self.env = job_environment()
+        # Scripts without #! run with bash when the system has it: scripts written for
+        # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
+        self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
         self.stopping = threading.Event()
         self.wakeup = threading.Condition()
         self.generation = 0              # bumped by notify(), so no wake-up is ever lost
@@ -1075,7 +1087,7 @@ class Runner:
 
     def execute(self, job_id, job_dir, active):
         """Run run.sh to its end; (status, message, exit code), or None when jobd stops."""
-        argv = run_command(job_dir, self.env)
+        argv = run_command(job_dir, self.shell)
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
             for attempt in range(50):
