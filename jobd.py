@@ -20,6 +20,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -257,6 +258,10 @@ class HeadersTooLarge(JobdError):
 
 class TooManyRequests(JobdError):
     status, code = 429, "too_many_requests"
+
+
+class RangeNotSatisfiable(JobdError):
+    status, code = 416, "range_not_satisfiable"
 
 
 class NotReady(JobdError):
@@ -509,6 +514,7 @@ def last_line(path, limit=300):
 QUEUED, RUNNING, SUCCESS, FAILED, CANCELLED, PARTIAL = (
     "QUEUED", "RUNNING", "SUCCESS", "FAILED", "CANCELLED", "PARTIAL")
 FINISHED = (SUCCESS, FAILED, CANCELLED, PARTIAL)
+STATES = (QUEUED, RUNNING) + FINISHED
 MAX_ATTEMPTS = 2  # a job that was running when jobd died twice is not tried a third time
 
 SCHEMA = [
@@ -553,6 +559,7 @@ SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL,
 SQL_RUNNING = "SELECT * FROM jobs WHERE status = 'RUNNING' ORDER BY seq"
 SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_at < ?"""
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
+SQL_LIST = "SELECT * FROM jobs WHERE seq < ? {filter} ORDER BY seq DESC LIMIT ?"
 SQL_ALL_IDS = "SELECT id FROM jobs"
 SQL_PUT_PAYLOAD = "INSERT OR REPLACE INTO payloads (job_id, kind, data) VALUES (?, ?, ?)"
 SQL_GET_PAYLOAD = "SELECT data FROM payloads WHERE job_id = ? AND kind = ?"
@@ -596,6 +603,8 @@ class Store:
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
+        self._trash_added = threading.Event()
+        threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
             db.execute("PRAGMA journal_mode = WAL")
             for statement in SCHEMA:
@@ -687,18 +696,25 @@ class Store:
         return self._open_payload(job_id, "output")
 
     def discard(self, path):
-        """Remove a file or a whole directory; directories are renamed away first, so a
-        process still writing by relative path never writes into a new directory of that name."""
+        """Remove a file or a whole directory. A directory is renamed into the trash at
+        once (so a process still writing by relative path never writes into a new
+        directory of that name) and deleted by a background thread, off the job's path."""
         if os.path.isdir(path) and not os.path.islink(path):
-            doomed = os.path.join(self.dirs["trash"], uuid.uuid4().hex)
             try:
-                os.rename(path, doomed)
+                os.rename(path, os.path.join(self.dirs["trash"], uuid.uuid4().hex))
+                self._trash_added.set()
             except OSError:
-                doomed = path
-            shutil.rmtree(doomed, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def _empty_trash(self):
+        while True:
+            self._trash_added.wait()
+            self._trash_added.clear()
+            for name in os.listdir(self.dirs["trash"]):
+                shutil.rmtree(os.path.join(self.dirs["trash"], name), ignore_errors=True)
 
     # -- the life of a job ---------------------------------------------------------------
 
@@ -794,12 +810,21 @@ class Store:
                                              now, now, job_id, was))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
-            return cursor.rowcount == 1
+        if cursor.rowcount == 0 and output is not None and not output.in_memory:
+            self.discard(self.output_zip(job_id))  # the job was deleted meanwhile
+        return cursor.rowcount == 1
 
     def requeue(self, job_id, count_attempt):
         """Put a running job back in the queue (jobd is stopping or restarting)."""
         with self._write() as db:
             db.execute(SQL_REQUEUE, (time.time(), 0 if count_attempt else 1, job_id))
+
+    def list_jobs(self, statuses, before, limit):
+        """Jobs newest first, older than sequence number `before`, optionally by status."""
+        where = f"AND status IN ({','.join('?' * len(statuses))})" if statuses else ""
+        with self._db() as db:
+            return db.execute(SQL_LIST.format(filter=where),
+                              (before, *statuses, limit)).fetchall()
 
     def running_jobs(self):
         with self._db() as db:
@@ -853,12 +878,12 @@ def job_environment():
     return env
 
 
-def run_command(job_dir, env):
-    """argv for run.sh: itself when it has a #! line, else bash (or /bin/sh without bash)."""
+def run_command(job_dir, shell):
+    """argv for run.sh: itself when it has a #! line, else `shell` (bash, or /bin/sh)."""
     with open(os.path.join(job_dir, RUN_SH), "rb") as f:
         if f.read(2) == b"#!":
             return ["./" + RUN_SH]
-    return [shutil.which("bash", path=env.get("PATH", os.defpath)) or "/bin/sh", RUN_SH]
+    return [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
@@ -924,6 +949,7 @@ class ActiveJob:
         self.proc = None
         self.reason = None       # "cancel", "timeout" or "shutdown" once stopping
         self.kill_at = None      # monotonic time of the SIGKILL that follows SIGTERM
+        self.done = threading.Event()  # set when the worker has recorded the job's end
 
     def attach(self, proc, grace):
         """Remember the started process; stop it at once if a stop came first."""
@@ -961,6 +987,9 @@ class Runner:
     def __init__(self, store, cfg, log):
         self.store, self.cfg, self.log = store, cfg, log
         self.env = job_environment()
+        # Scripts without #! run with bash when the system has it: scripts written for
+        # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
+        self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
         self.stopping = threading.Event()
         self.wakeup = threading.Condition()
         self.generation = 0              # bumped by notify(), so no wake-up is ever lost
@@ -1027,7 +1056,7 @@ class Runner:
                          error=traceback.format_exc())
             finally:
                 with self.lock:
-                    self.active.pop(job["id"], None)
+                    self.active.pop(job["id"], None).done.set()
 
     def run(self, job, active):
         job_id = job["id"]
@@ -1058,7 +1087,7 @@ class Runner:
 
     def execute(self, job_id, job_dir, active):
         """Run run.sh to its end; (status, message, exit code), or None when jobd stops."""
-        argv = run_command(job_dir, self.env)
+        argv = run_command(job_dir, self.shell)
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
             for attempt in range(50):
@@ -1112,8 +1141,9 @@ class Runner:
 
     # -- cancel -----------------------------------------------------------------------
 
-    def cancel(self, job_id):
-        """Cancel a queued or running job; False if it had already finished."""
+    def cancel(self, job_id, wait=0.0):
+        """Cancel a queued or running job, waiting up to `wait` seconds for a running one
+        to end; False if it had already finished (or is not known)."""
         with self.lock:
             if self.finish(job_id, CANCELLED, "job cancelled before it started", was=QUEUED):
                 self.log("job", id=job_id, status=CANCELLED)
@@ -1122,7 +1152,14 @@ class Runner:
         if active is None:
             return False
         active.stop("cancel", self.cfg.grace)
+        active.done.wait(wait)
         return True
+
+    def delete(self, job_id):
+        """Cancel a job if needed, then remove its record and every file."""
+        self.cancel(job_id, wait=self.cfg.grace + 5)
+        self.store.remove(job_id)
+        self.log("job removed", id=job_id, reason="deleted")
 
     # -- restart and retention ----------------------------------------------------------
 
@@ -1531,10 +1568,50 @@ def job_object_parts(job):
             '",' + json.dumps(tail, separators=COMPACT)[1:])
 
 
+def status_object(job):
+    """The small status of a job for the resource API: the job object without
+    "Input"/"Output", plus times and sizes."""
+    def moment(value):
+        return rfc3339(value) if value else None
+    return {"LastUpdated": rfc3339(job["updated_at"]), "ID": job["id"], "Status": job["status"],
+            "Path": "", "Message": job["message"], "SlurmID": job["slurm_id"],
+            "Slurml": bool(job["slurml"]), "ExitCode": job["exit_code"],
+            "CreatedAt": moment(job["created_at"]), "StartedAt": moment(job["started_at"]),
+            "FinishedAt": moment(job["finished_at"]), "InputBytes": job["input_bytes"],
+            "OutputBytes": job["output_bytes"]}
+
+
+def parse_range(header, size):
+    """(first, last) byte of a single 'bytes=' range; None to send the whole file."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if not match or match.group(1) == match.group(2) == "":
+        return None  # absent, several ranges or malformed: ignored, as RFC 9110 allows
+    first, last = match.groups()
+    if first == "":
+        first, last = max(0, size - int(last)), size - 1
+        if int(match.group(2)) == 0:
+            first = size
+    else:
+        first, last = int(first), min(int(last), size - 1) if last else size - 1
+        if match.group(2) and int(match.group(2)) < first:
+            return None
+    if first >= size:
+        raise RangeNotSatisfiable(f"range {header!r} is outside the {size} bytes of the output",
+                                  **{"Content-Range": f"bytes */{size}"})
+    return first, last
+
+
+LIST_LIMIT = 1000
 ROUTES = [
     # (path pattern, {method: handler method}); HEAD is served wherever GET is.
     (r"/api/upload", {"POST": "upload"}),
     (r"/api/get/(?P<job_id>[^/]+)", {"GET": "get_job"}),
+    (r"/api/jobs", {"GET": "list_jobs", "POST": "post_job"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)", {"GET": "job_status", "PUT": "put_job",
+                                      "DELETE": "delete_job"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/output", {"GET": "job_output"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/logs/(?P<stream>stdout|stderr)", {"GET": "job_log"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/cancel", {"POST": "cancel_job"}),
 ]
 COMPILED_ROUTES = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
 
@@ -1681,10 +1758,15 @@ class Handler(BaseHTTPRequestHandler):
     # -- answers ----------------------------------------------------------------------
 
     def send_head(self, status, content_type, length, headers=()):
+        """Status line and headers (not yet sent); a length of None means chunked."""
         self.status = status
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
+        if status not in (204, 304):
+            self.send_header("Content-Type", content_type)
+            if length is None:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(length))
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
@@ -1778,6 +1860,184 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(base64.b64encode(block))
             self.wfile.write(tail)
+
+
+    # -- the resource API -------------------------------------------------------------
+
+    def known_job(self, job_id):
+        job = self.app.store.get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise NotFound("job not found")
+        return job
+
+    def put_job(self, job_id):
+        """PUT /api/jobs/{id} with the zip as the body -> 201, Location, status object."""
+        check_job_id(job_id)
+        if self.app.store.get(job_id) is not None:
+            raise Conflict("job already exists")  # answered before the body is read
+        self.accept_zip(job_id)
+
+    def post_job(self):
+        """POST /api/jobs with the zip as the body: like PUT, with an id jobd picks."""
+        self.accept_zip(uuid.uuid4().hex)
+
+    def accept_zip(self, job_id):
+        """Stream the body to the store's spool, validate it like /api/upload, store it."""
+        app = self.app
+        spool = app.store.spool()
+        try:
+            body = self.request_body()
+            while True:
+                chunk = body.read()
+                if not chunk:
+                    break
+                spool.write(chunk)
+            check_input_zip(spool, app.cfg)
+            job = app.store.add(job_id, spool)
+        finally:
+            spool.discard()
+        app.runner.notify()
+        self.send_json(201, status_object(job), headers=[("Location", f"/api/jobs/{job_id}")])
+
+    def job_status(self, job_id):
+        """GET /api/jobs/{id}: the status object (never the output)."""
+        self.send_json(200, status_object(self.known_job(job_id)))
+
+    def list_jobs(self):
+        """GET /api/jobs?status=S&limit=N&cursor=C: newest first, paged by an opaque cursor."""
+        statuses = [part.strip().upper() for value in self.query.get("status", [])
+                    for part in value.split(",") if part.strip()]
+        unknown = [status for status in statuses if status not in STATES]
+        if unknown:
+            raise BadRequest(f"unknown status {unknown[0]!r}; one of {', '.join(STATES)}")
+        try:
+            limit = int(self.query.get("limit", ["50"])[-1])
+            assert 1 <= limit <= LIST_LIMIT
+        except (ValueError, AssertionError):
+            raise BadRequest(f"limit must be a number from 1 to {LIST_LIMIT}") from None
+        before = 2 ** 63 - 1
+        if self.query.get("cursor", [""])[-1]:
+            try:
+                cursor = self.query["cursor"][-1]
+                before = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+                             .decode().removeprefix("before:"))
+            except (ValueError, UnicodeDecodeError, binascii.Error):
+                raise BadRequest("invalid cursor") from None
+        rows = self.app.store.list_jobs(statuses, before, limit + 1)
+        following = None
+        if len(rows) > limit:
+            marker = f"before:{rows[limit - 1]['seq']}".encode()
+            following = base64.urlsafe_b64encode(marker).decode().rstrip("=")
+        self.send_json(200, {"Jobs": [status_object(row) for row in rows[:limit]],
+                             "Next": following})
+
+    def job_output(self, job_id):
+        """GET|HEAD /api/jobs/{id}/output: the result zip, streamed; Range and ETag honoured."""
+        job = self.known_job(job_id)
+        if job["status"] not in FINISHED:
+            self.send_json(202, status_object(job), headers=[("Retry-After", "1")])
+            return
+        output, size = self.app.store.open_output(job_id)
+        if output is None:
+            raise NotFound("the job has no output")
+        with output:
+            etag = f'"{job_id}-{int(job["finished_at"] * 1e6)}-{size}"'
+            if etag in self.headers.get("If-None-Match", ""):
+                self.send_bytes(304, b"", headers=[("ETag", etag)])
+                return
+            span = None
+            if self.headers.get("If-Range", etag) == etag:
+                span = parse_range(self.headers.get("Range"), size)
+            first, last = span or (0, size - 1)
+            headers = [("ETag", etag), ("Accept-Ranges", "bytes"),
+                       ("Content-Disposition", f'attachment; filename="{job_id}.zip"')]
+            if span:
+                headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+            self.send_head(206 if span else 200, "application/zip", last - first + 1, headers)
+            self.end_headers()
+            if self.command != "HEAD" and size:
+                self.connection.sendfile(output, first, last - first + 1)
+
+    def open_log(self, job, name):
+        """(file, size) of a job's stdout/stderr so far: from the job directory while it
+        runs, from the result zip once it has ended; (None, 0) when there is none yet."""
+        if job["status"] == RUNNING:
+            with contextlib.suppress(FileNotFoundError):
+                f = open(os.path.join(self.app.store.job_dir(job["id"]), name), "rb")
+                return f, os.fstat(f.fileno()).st_size
+            job = self.app.store.get(job["id"]) or job  # it may have just ended
+        output, _ = self.app.store.open_output(job["id"])
+        if job["status"] not in FINISHED or output is None:
+            return None, 0
+        try:
+            archive = zipfile.ZipFile(output)
+            entry = archive.getinfo(name)
+            return archive.open(entry), entry.file_size
+        except (zipfile.BadZipFile, KeyError):
+            return None, 0
+
+    def job_log(self, job_id, stream):
+        """GET /api/jobs/{id}/logs/stdout|stderr: the text so far; ?follow=1 streams it
+        (chunked) until the job ends."""
+        job = self.known_job(job_id)
+        name = STDOUT_FILE if stream == "stdout" else STDERR_FILE
+        follow = self.query.get("follow", ["0"])[-1].lower() in ("1", "true", "yes")
+        f, size = self.open_log(job, name) if job["status"] != QUEUED else (None, 0)
+        with f or contextlib.nullcontext():
+            self.send_head(200, "text/plain; charset=utf-8", None if follow else size,
+                           [("Cache-Control", "no-cache")])
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if not follow:
+                if f is not None and size:
+                    self.connection.sendfile(f, 0, size)
+                return
+            self.follow_log(job, name, f)
+
+    def follow_log(self, job, name, f):
+        """Send the log as chunks as it grows, until the job has ended and all is sent."""
+        try:
+            while True:
+                if f is None and job["status"] != QUEUED:
+                    f, _ = self.open_log(job, name)
+                data = f.read(64 * KiB) if f is not None else b""
+                if data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    continue
+                if job["status"] in FINISHED or self.client_gone(0.1):
+                    break
+                job = self.app.store.get(job["id"])
+                if job is None:
+                    break  # deleted meanwhile
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            if f is not None:
+                f.close()
+
+    def client_gone(self, wait):
+        """Wait up to `wait` seconds; True if the client has closed its connection."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def cancel_job(self, job_id):
+        """POST /api/jobs/{id}/cancel: a queued job never starts, a running one is stopped."""
+        job = self.known_job(job_id)
+        if job["status"] in FINISHED and job["status"] != CANCELLED:
+            raise Conflict(f"job already finished ({job['status']})")
+        self.app.runner.cancel(job_id, wait=self.app.cfg.grace + 2)
+        self.send_json(200, status_object(self.known_job(job_id)))
+
+    def delete_job(self, job_id):
+        """DELETE /api/jobs/{id}: cancel if needed, then remove the record and every file."""
+        self.known_job(job_id)
+        self.app.runner.delete(job_id)
+        self.send_bytes(204, b"", content_type="text/plain")
 
 
 class Server(ThreadingHTTPServer):

@@ -72,6 +72,7 @@ class Jobd:
     def __init__(self, command, workdir, args=(), env=None):
         self.command = list(command)
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.data = self.workdir / "data"
         self.db = self.workdir / "jobd.sqlite3"
         self.args = list(args)
