@@ -1,4 +1,4 @@
-"""Throughput and memory of jobd_multipart.read_multipart on one big part.
+"""Throughput and memory of jobd.read_multipart on one big part.
 
 Run: python3 tests/bench_multipart.py [MiB] ; prints MB/s to a null sink and to a real file,
 and the peak of Python allocations (tracemalloc) while streaming, which must stay flat.
@@ -11,7 +11,7 @@ import time
 import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import jobd_multipart  # noqa: E402
+import jobd  # noqa: E402
 
 BOUNDARY = b"0123456789abcdef-0123456789abcdef-0123456789abcdef-0123456789abcdef"
 
@@ -65,7 +65,7 @@ def run(size, sink_factory, trace=False):
     if trace:
         tracemalloc.start()
     start = time.perf_counter()
-    parts = jobd_multipart.read_multipart(body, BOUNDARY, open_part)
+    parts = jobd.read_multipart(body, BOUNDARY, open_part)
     elapsed = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1] if trace else None
     if trace:

@@ -1,4 +1,4 @@
-"""Tests of the streaming multipart reader (jobd_multipart): units, then fuzzing with hypothesis."""
+"""Tests of jobd's streaming multipart reader (for POST /submit): units, then fuzzing."""
 
 import io
 import os
@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import jobd_multipart as mp  # noqa: E402
+import jobd as mp  # noqa: E402
 import orchestrator_sim  # noqa: E402
 
 B = b"0123456789abcdef-fedcba9876543210-0011223344556677-8899aabbccddeeff"  # reqwest's shape
@@ -281,12 +281,12 @@ def test_garbage_is_refused_after_a_bounded_read():
 def test_huge_part_headers_are_refused_after_a_bounded_read():
     head = b"--" + B + b'\r\nContent-Disposition: form-data; name="a"\r\nX-Big: '
     body = Pieces(head + b"y" * 10_000_000, (4096,))
-    with pytest.raises(mp.HeaderTooLarge):
+    with pytest.raises(mp.PartHeadersTooLarge):
         mp.read_multipart(body, B, Collector(), max_header_bytes=16384, chunk_size=4096)
     assert body.pos <= 16384 + 3 * 4096 + len(head)
     # A whole oversized header block arriving in one read is refused too.
     big = form([(b"a", b"a", b"1", [b"X-Big: " + b"z" * 20000])])
-    with pytest.raises(mp.HeaderTooLarge):
+    with pytest.raises(mp.PartHeadersTooLarge):
         parse(big, sizes=(1 << 20,), chunk_size=1 << 20)
     assert parse(big, max_header_bytes=30000)[0][2] == b"1"
 
@@ -352,19 +352,22 @@ def test_bad_arguments():
 
 
 # --------------------------------------------------------------------------------------------
-# LimitedReader
+# With a request body
 # --------------------------------------------------------------------------------------------
 
 
-def test_limited_reader_stops_at_content_length_and_detects_short_bodies():
+def request_body(raw, length):
+    return mp.RequestBody(raw, mp.Headers({"content-length": str(length)}), limit=1 << 30)
+
+
+def test_request_body_stops_at_content_length_and_detects_short_bodies():
     raw = io.BytesIO(GOOD + b"GET /next HTTP/1.1\r\n")  # a pipelined next request
-    reader = mp.LimitedReader(raw, len(GOOD))
-    assert mp.read_multipart(reader, B, Collector(), chunk_size=7) == 2
+    assert mp.read_multipart(request_body(raw, len(GOOD)), B, Collector(), chunk_size=7) == 2
     assert raw.read() == b"GET /next HTTP/1.1\r\n"
-    with pytest.raises(mp.TruncatedBody, match="short of its Content-Length"):
-        mp.read_multipart(mp.LimitedReader(io.BytesIO(GOOD[:-10]), len(GOOD)), B, Collector())
-    with pytest.raises(mp.TruncatedBody):
-        mp.read_multipart(mp.LimitedReader(io.BytesIO(b""), 10), B, Collector())
+    with pytest.raises(mp.BadRequest, match="ended early"):
+        mp.read_multipart(request_body(io.BytesIO(GOOD[:-10]), len(GOOD)), B, Collector())
+    with pytest.raises(mp.BadRequest):
+        mp.read_multipart(request_body(io.BytesIO(b""), 10), B, Collector())
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Checks of the orchestrator replay itself, against a tiny in-memory client on 127.0.0.1.
 
 The stub client below is only a test double for orchestrator_sim (it reads uploads with
-jobd_multipart); the real tests of jobd drive `python3 jobd.py` with orchestrator_sim.
+jobd's multipart reader); the real tests of jobd drive `python3 jobd.py` with orchestrator_sim.
 """
 
 import http.server
@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import jobd_multipart as mp  # noqa: E402
+import jobd  # noqa: E402
 import orchestrator_sim as sim  # noqa: E402
 
 
@@ -61,7 +61,6 @@ class StubHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.server.requests.append(("POST", self.path, self.client_address[1], dict(self.headers)))
-        length = int(self.headers.get("Content-Length", "0"))
         if self.path == "/submit":
             files = {}
 
@@ -69,13 +68,14 @@ class StubHandler(http.server.BaseHTTPRequestHandler):
                 if filename is None:
                     return None
                 sink = io.BytesIO()
-                sink.close = lambda: files.__setitem__(mp.safe_basename(filename), sink.getvalue())
+                sink.close = lambda: files.__setitem__(jobd.safe_basename(filename), sink.getvalue())
                 return sink
 
             try:
-                boundary = mp.parse_boundary(self.headers.get("Content-Type"))
-                mp.read_multipart(mp.LimitedReader(self.rfile, length), boundary, open_part)
-            except ValueError as e:
+                boundary = jobd.parse_boundary(self.headers.get("Content-Type"))
+                jobd.read_multipart(jobd.RequestBody(self.rfile, self.headers, 1 << 30), boundary,
+                                    open_part)
+            except (ValueError, jobd.JobdError) as e:
                 return self.send(400, str(e).encode())
             if self.server.upload_answer is not None:
                 return self.send(*self.server.upload_answer)
