@@ -1144,8 +1144,11 @@ class Runner:
     def cancel(self, job_id, wait=0.0):
         """Cancel a queued or running job, waiting up to `wait` seconds for a running one
         to end; False if it had already finished (or is not known)."""
+        empty = self.store.spool()
+        empty.write(EMPTY_ZIP)
         with self.lock:
-            if self.finish(job_id, CANCELLED, "job cancelled before it started", was=QUEUED):
+            if self.store.finish(job_id, CANCELLED, "job cancelled before it started",
+                                 output=empty, was=QUEUED):
                 self.log("job", id=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
@@ -1783,6 +1786,22 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status, obj, headers=()):
         self.send_bytes(status, json.dumps(obj, separators=COMPACT).encode(), headers=headers)
 
+    def send_file(self, f, first, count):
+        """Copy `count` bytes of f from `first` to the client: by sendfile(2) for a real
+        file (no copy through Python), else in blocks."""
+        try:
+            f.fileno()
+        except (AttributeError, OSError, ValueError):
+            f.seek(first)
+            while count > 0:
+                block = f.read(min(CHUNK, count))
+                if not block:
+                    raise ConnectionError("the file ended early")
+                self.wfile.write(block)
+                count -= len(block)
+            return
+        self.connection.sendfile(f, first, count)
+
     def send_failure(self, error):
         if error.status >= 400 and not self.body_read():
             self.close_connection = True  # the unread body would be taken as the next request
@@ -1956,7 +1975,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_head(206 if span else 200, "application/zip", last - first + 1, headers)
             self.end_headers()
             if self.command != "HEAD" and size:
-                self.connection.sendfile(output, first, last - first + 1)
+                self.send_file(output, first, last - first + 1)
 
     def open_log(self, job, name):
         """(file, size) of a job's stdout/stderr so far: from the job directory while it
@@ -1991,7 +2010,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if not follow:
                 if f is not None and size:
-                    self.connection.sendfile(f, 0, size)
+                    self.send_file(f, 0, size)
                 return
             self.follow_log(job, name, f)
 
