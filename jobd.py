@@ -969,9 +969,13 @@ class Store:
             return {row["status"]: row["n"] for row in db.execute(SQL_COUNT_BY_STATUS)}
 
     def check_database(self):
-        """Raise sqlite3.Error if the database cannot be written."""
-        with self._write() as db:
-            db.execute("DELETE FROM meta WHERE key = 'health'")
+        """Raise sqlite3.Error if the database cannot be written within 2 seconds."""
+        db = sqlite3.connect(self.db_file, timeout=2, isolation_level=None)
+        try:
+            with self._write(db):
+                db.execute("DELETE FROM meta WHERE key = 'health'")
+        finally:
+            db.close()
 
     def check_data_dir(self):
         """Raise OSError if the data directory cannot be written."""
@@ -1919,15 +1923,25 @@ def openapi_document():
         return {f"_{code}": {"description": HTTPStatus(code).phrase, **json_body(ref("Error"))}
                 for code in (401,) + codes}
 
-    def operation(summary, responses, body=None, parameters=()):
-        op = {"summary": summary, "responses": responses, "parameters": list(parameters)}
+    def operation(name, summary, responses, body=None, parameters=()):
+        op = {"operationId": name, "summary": summary, "responses": responses,
+              "parameters": list(parameters)}
         if body:
             op["requestBody"] = {"required": True, "content": body}
         return op
 
+    def created(schema):
+        """A 201 answer, linked to the operations that take the new job's id."""
+        targets = ["getJob", "getStatus", "getOutput", "getLog", "cancelJob", "deleteJob"]
+        return {"description": "accepted", **json_body(ref(schema)),
+                "links": {target: {"operationId": target,
+                                   "parameters": {"id": "$response.body#/ID"}}
+                          for target in targets}}
+
     job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
               "description": "job id: [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"}
-    zip_body = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
+    zip_body = {kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("application/zip", "application/octet-stream")}
     zip_answer = {"description": "the result zip",
                   "content": {"application/zip": {"schema": {"type": "string",
                                                              "format": "binary"}}}}
@@ -1940,14 +1954,16 @@ def openapi_document():
          "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
     paths = {
         "/api/upload": {"post": operation(
-            "Submit a job, Go style: the zip as base64 inside JSON",
-            answers(_201="Job", **errors(400, 409, 413, 429)),
-            json_body(ref("Upload"))["content"])},
+            "upload", "Submit a job, Go style: the zip as base64 inside JSON",
+            answers(_201=created("Job"), **errors(400, 409, 413, 429)),
+            {"application/json": {"schema": ref("Upload"), "example": {
+                "id": "example", "input": base64.b64encode(EXAMPLE_ZIP).decode()}}})},
         "/api/get/{id}": {"get": operation(
-            "A job with its output (base64 zip), Go style",
+            "getJob", "A job with its output (base64 zip), Go style",
             answers(_200="Job", _206="Job", _202="Error", **errors(404)), None, [job_id])},
         "/api/jobs": {
-            "get": operation("List jobs, newest first", answers(_200="JobList", **errors(400)),
+            "get": operation("listJobs", "List jobs, newest first",
+                             answers(_200="JobList", **errors(400)),
                              None, [
                                  {"name": "status", "in": "query", "required": False,
                                   "schema": {"type": "string"},
@@ -1957,36 +1973,36 @@ def openapi_document():
                                              "maximum": LIST_LIMIT}},
                                  {"name": "cursor", "in": "query", "required": False,
                                   "schema": {"type": "string"}}]),
-            "post": operation("Submit a zip; jobd picks the id",
-                              answers(_201="Status", **errors(400, 413, 429)), zip_body,
-                              job_options)},
+            "post": operation("postJob", "Submit a zip; jobd picks the id",
+                              answers(_201=created("Status"), **errors(400, 413, 429)),
+                              zip_body, job_options)},
         "/api/jobs/{id}": {
-            "get": operation("A job's status", answers(_200="Status", **errors(404)), None,
-                             [job_id]),
-            "put": operation("Submit a zip under this id",
-                             answers(_201="Status", **errors(400, 409, 413, 429)), zip_body,
-                             [job_id] + job_options),
-            "delete": operation("Cancel if needed, then remove the job and its files",
+            "get": operation("getStatus", "A job's status", answers(_200="Status", **errors(404)),
+                             None, [job_id]),
+            "put": operation("putJob", "Submit a zip under this id",
+                             answers(_201=created("Status"), **errors(400, 409, 413, 429)),
+                             zip_body, [job_id] + job_options),
+            "delete": operation("deleteJob", "Cancel if needed, then remove the job and its files",
                                 answers(_204="removed", **errors(404)), None, [job_id])},
         "/api/jobs/{id}/output": {"get": operation(
-            "The result zip (Range, If-Range, If-None-Match honoured)",
+            "getOutput", "The result zip (Range, If-Range, If-None-Match honoured)",
             answers(_200=zip_answer, _206=zip_answer, _202="Status", _304="not modified",
                     **errors(404, 416)), None, [job_id])},
         "/api/jobs/{id}/logs/{stream}": {"get": operation(
-            "The job's stdout or stderr so far; follow=1 streams it until the job ends",
+            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job ends",
             answers(_200=text_answer, **errors(404)), None, [
                 job_id, {"name": "stream", "in": "path", "required": True,
                          "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
                 {"name": "follow", "in": "query", "required": False,
                  "schema": {"type": "string", "enum": ["0", "1"]}}])},
         "/api/jobs/{id}/cancel": {"post": operation(
-            "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
+            "cancelJob", "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
             [job_id])},
-        "/api/openapi.json": {"get": operation("This document", answers(
+        "/api/openapi.json": {"get": operation("openapi", "This document", answers(
             _200={"description": "OpenAPI 3", **json_body({"type": "object"})}, **errors()))},
-        "/healthz": {"get": operation("Health (never behind the token)",
+        "/healthz": {"get": operation("health", "Health (never behind the token)",
                                       answers(_200="Health", _503="Health"))},
-        "/metrics": {"get": operation("Prometheus metrics", answers(
+        "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
             _200={"description": "text exposition format",
                   "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
     }
@@ -1997,6 +2013,16 @@ def openapi_document():
             "components": {"schemas": SCHEMAS,
                            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
             "security": [{"token": []}, {}]}
+
+
+def _example_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("run.sh", "echo hello from jobd\n")
+    return buf.getvalue()
+
+
+EXAMPLE_ZIP = _example_zip()
 
 
 def _object(properties, required=None):
@@ -2106,6 +2132,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):
         self.dispatch("OPTIONS")
+
+    def __getattr__(self, name):
+        """Any other method (TRACE, PROPFIND...) is routed too: 405 on a known path."""
+        if name.startswith("do_") and name[3:].isalpha():
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -2603,11 +2635,11 @@ def serve(cfg):
     app.runner.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
-    log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
-        data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
     if not cfg.token and not is_loopback(cfg.host):
         log("no token set (JOBD_TOKEN or --token-file): anyone who can reach this port can "
             "run jobs", level="warning")
+    log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
+        data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
     while not stop.wait(3600):
         pass
     log("stopping", signal=received[0] if received else None, grace=cfg.grace)
