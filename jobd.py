@@ -1036,14 +1036,17 @@ class Store:
 # Runner: a fixed pool of worker threads, one subprocess per job
 # ====================================================================================
 
+SECRETS = ("JOBD_TOKEN", "SLURML_API_TOKEN")  # jobd's own; a job has no use for them
+
+
 def job_environment():
-    """The environment jobs run with: the one jobd was started with.
+    """The environment jobs run with: the one jobd was started with, minus its secrets.
 
     A frozen jobd (PyInstaller) points LD_LIBRARY_PATH into its own unpacked bundle;
     a tool started by run.sh would then load jobd's libraries instead of its image's
     and can crash. Restore the original value, or drop it if there was none.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
