@@ -177,8 +177,11 @@ class Config:
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
     for setting in SETTINGS:
+        metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
+                   parse_count: "N", parse_port: "PORT"}.get(setting.parse)
         kind = {"switch": dict(action="store_const", const="true"),
-                "list": dict(action="append", metavar="VALUE")}.get(setting.kind, {})
+                "list": dict(action="append", metavar="PREFIX")}.get(
+                    setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
 
