@@ -2259,6 +2259,10 @@ def safe_basename(filename):
 
 ZIP_TYPE = "application/zip"
 ORCH_STATUS = {QUEUED: "Running", RUNNING: "Running", FAILED: "Failed", CANCELLED: "Killed"}
+ORCH_STATUSES = ("Prepared", "Running", "Completed", "Failed", "Invalid", "Killed", "Cleaned",
+                 "Unknown")
+# The routes that touch jobs; with a token set they need it (Handler.authorize).
+ORCH_GUARDED = re.compile(r"/(submit|retrieve|retrieve_partial|kill)(/.*)?")
 
 
 def orchestrator_payload(number, status, loc="", pid=0, killed=False):
@@ -2272,6 +2276,16 @@ def orchestrator_status(job):
     if job["refused"]:
         return "Invalid"
     return ORCH_STATUS.get(job["status"], "Failed" if job["status"] in FINISHED else "Running")
+
+
+def basic_credentials(value):
+    """The user and the password of a Basic Authorization value; () if it is malformed."""
+    try:
+        text = base64.b64decode(value.strip(), validate=True).decode()
+        user, colon, password = text.partition(":")
+    except (binascii.Error, ValueError):
+        return ()
+    return (user, password) if colon else (user,)
 
 
 def parse_orchestrator_id(text):
@@ -2533,6 +2547,10 @@ def openapi_document():
                   "content": {"application/zip": {"schema": {"type": "string",
                                                              "format": "binary"}}}}
     text_answer = {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    number = {"name": "number", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": ORCH_ID_MAX},
+              "description": "the job's number, as jobd answered it to POST /submit"}
+    orchestrator_security = [{"token": []}, {"basic": []}, {}]
     job_options = [
         {"name": "X-Jobd-Timeout", "in": "header", "required": False,
          "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
@@ -2592,13 +2610,46 @@ def openapi_document():
         "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
             _200={"description": "text exposition format",
                   "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
+        # The job-orchestrator client protocol: see its section for why it answers so.
+        "/submit": {"post": dict(operation(
+            "orchestratorSubmit", "job-orchestrator: a job's files, one part per file",
+            answers(_200="Payload", **errors(400, 413, 429)),
+            {"multipart/form-data": {"schema": {
+                "type": "object", "additionalProperties": dict(_STRING, format="binary")}}}),
+            security=orchestrator_security)},
+        "/retrieve/{number}": {"get": dict(operation(
+            "orchestratorRetrieve", "job-orchestrator: the result zip, else the job's state",
+            answers(_200={"description": "the zip once the job succeeded, else its Payload",
+                          "content": {**zip_answer["content"],
+                                      **json_body(ref("Payload"))["content"]}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/retrieve_partial/{number}": {"get": dict(operation(
+            "orchestratorPartial", "job-orchestrator: a zip of the job folder as it is now",
+            answers(_200=zip_answer, _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/kill/{number}": {"post": dict(operation(
+            "orchestratorKill", "job-orchestrator: cancel a job (empty answer)",
+            answers(_200={"description": "stopped, or nothing left to stop",
+                          "content": {"text/plain": {"schema": dict(_STRING, maxLength=0)}}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/load": {"get": operation("orchestratorLoad", "CPU use of the machine in percent",
+                                   answers(_200={"description": "percent", **json_body(
+                                       {"type": "number", "minimum": 0, "maximum": 100})}))},
+        "/health": {"get": operation("orchestratorHealth", "Health, as job-orchestrator's",
+                                     answers(_200="OrchestratorHealth",
+                                             _503="OrchestratorHealth"))},
+        "/": {"get": operation("orchestratorPing", "pong", answers(_200={
+            "description": "pong", **json_body(_object({"message": _STRING}))}))},
     }
     return {"openapi": "3.0.3",
             "info": {"title": "jobd", "version": __version__,
                      "description": "A job daemon: submit a zip holding run.sh, get a zip back."},
             "paths": paths,
             "components": {"schemas": SCHEMAS,
-                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"},
+                                               "basic": {"type": "http", "scheme": "basic"}}},
             "security": [{"token": []}, {}]}
 
 
@@ -2640,6 +2691,13 @@ SCHEMAS = {
                        "version": _STRING, "uptime_seconds": {"type": "number"},
                        "queued": _INT, "running": _INT, "data_free_bytes": _NULL_INT,
                        "database": _STRING, "data_dir": _STRING}),
+    "Payload": _object({"id": {"type": "integer", "minimum": 0, "maximum": ORCH_ID_MAX},
+                        "input": {"type": "object"}, "status": {"type": "string",
+                                                                "enum": list(ORCH_STATUSES)},
+                        "loc": _STRING, "pid": {"type": "integer", "minimum": 0},
+                        "killed": _BOOL}),
+    "OrchestratorHealth": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                                   "database": _STRING}),
 }
 
 
@@ -2759,14 +2817,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def authorize(self, path):
         """With a token configured, /api/ (and /metrics unless public) need the bearer
-        token; compared in constant time."""
+        token, and so do the job-orchestrator routes that touch jobs; those also take it as
+        the user or password of Basic auth, which the orchestrator sends for a URL such as
+        http://jobd:TOKEN@host/submit (it cannot send other headers). Compared in constant
+        time."""
         token = self.app.cfg.token
-        if not token or not (path.startswith("/api/") or path == "/api" or
+        orchestrator = ORCH_GUARDED.fullmatch(path) is not None
+        if not token or not (path.startswith("/api/") or path == "/api" or orchestrator or
                              (path == "/metrics" and not self.app.cfg.metrics_public)):
             return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
+        offered = [given.strip()] if scheme.lower() == "bearer" else []
+        if orchestrator and scheme.lower() == "basic":
+            offered = [part for part in basic_credentials(given) if part]
+        if not any(hmac.compare_digest(value.encode(), token.encode()) for value in offered):
             raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
                                **{"WWW-Authenticate": "Bearer"})
 
@@ -3154,8 +3218,9 @@ class Handler(BaseHTTPRequestHandler):
                 except BadRequest as e:
                     problem = e.message
             if problem is None:
+                options = self.job_options(None, None)  # the server's time limit, if any
                 number = create_orchestrator_job(
-                    app.store, lambda job_id: app.store.add(job_id, spool))
+                    app.store, lambda job_id: app.store.add(job_id, spool, **options))
                 app.store.mark_orchestrator(str(number))
                 app.runner.notify()
                 status = "Prepared"
@@ -3166,7 +3231,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             spool.discard()
             shutil.rmtree(staging, ignore_errors=True)
-        app.log("submission", id=number, status=status, files=len(submission.names),
+        app.log("submission", job=str(number), status=status, files=len(submission.names),
                 message=problem)
         loc = app.store.job_dir(str(number))
         self.send_json(200, orchestrator_payload(number, status, loc))

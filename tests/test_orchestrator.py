@@ -186,6 +186,14 @@ def test_failed_job_is_failed_and_its_partial_zip_still_works(jobd):
     assert job_object["Status"] == "FAILED" and job_object["ExitCode"] == 3
 
 
+def test_a_job_past_the_servers_time_limit_is_failed(make_jobd):
+    jobd = make_jobd(args=["--timeout", "1s", "--grace", "1s"])
+    orch = orchestrator(jobd)
+    job = submit(orch, {"run.sh": b"sleep 60\n"})["id"]
+    assert orch.poll_until_final(job, timeout=15) == ("Failed", None)
+    assert "timed out" in jobd.get(str(job)).json()["Message"]
+
+
 def test_partial_retrieve_while_running(jobd):
     orch = orchestrator(jobd)
     script = (b"echo step1 > progress.txt\necho hello\n"
@@ -423,3 +431,30 @@ def test_ping_load_and_health(jobd):
             os.remove(f"{jobd.db}{suffix}")
     assert jobd.request("GET", "/health").status == 503
     assert jobd.request("GET", "/").json() == {"message": "pong"}  # still serving
+
+
+def test_with_a_token_the_job_routes_need_it_in_the_urls(make_jobd):
+    jobd = make_jobd(env={**os.environ, "JOBD_TOKEN": "s3cret"})
+    bare = orchestrator(jobd)
+    with pytest.raises(sim.UploadFailed, match="401"):
+        bare.submit({"run.sh": b"true\n"})
+    for method, path in (("GET", "/retrieve/1"), ("GET", "/retrieve_partial/1"),
+                         ("POST", "/kill/1")):
+        assert jobd.request(method, path).status == 401, path
+    for path in ("/", "/load", "/health"):  # probes, like /healthz, need no token
+        assert jobd.request("GET", path).status == 200, path
+    assert jobd.request("GET", "/retrieve/1", headers={"Authorization": "Bearer s3cret"}
+                        ).json()["status"] == "Cleaned"
+
+    # The orchestrator carries it in its URLs: SERVICE_X_UPLOAD_URL=http://jobd:s3cret@host/submit
+    orch = sim.Orchestrator(f"http://jobd:s3cret@127.0.0.1:{jobd.port}", request_timeout=30)
+    job = submit(orch, {"run.sh": b"echo ok > out.txt\nsleep 0.5\n"})["id"]
+    assert unzip(orch.partial(job)).get("run.sh") == b"echo ok > out.txt\nsleep 0.5\n"
+    status, result = orch.poll_until_final(job, timeout=30)
+    assert status == "Completed" and unzip(result)["out.txt"] == b"ok\n"
+    assert orch.kill(job)
+    token_as_user = sim.Orchestrator(f"http://s3cret@127.0.0.1:{jobd.port}", request_timeout=30)
+    assert token_as_user.poll_once(job) == "Completed"
+    wrong = sim.Orchestrator(f"http://jobd:guess@127.0.0.1:{jobd.port}", request_timeout=30)
+    assert wrong.request("GET", f"{wrong.download_url}/{job}").status == 401
+    assert not wrong.kill(job)
