@@ -307,6 +307,8 @@ def zip_entries(zf, cfg):
         raise BadRequest(f"the zip has {len(infos)} entries; at most {cfg.max_entries} are allowed")
     unpacked, files, folders = 0, set(), set()
     for info in infos:
+        if "\0" in info.orig_filename:  # zipfile cuts .filename at a NUL, hiding it
+            raise BadRequest(f"unsafe path in zip: {info.orig_filename!r}")
         parts = entry_parts(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if info.is_dir():
@@ -354,8 +356,10 @@ def check_input_zip(source, cfg):
             for info, _ in entries:
                 if not info.is_dir():
                     with zf.open(info) as data:
-                        while data.read(CHUNK):
-                            pass
+                        size = sum(len(block) for block in iter(lambda: data.read(CHUNK), b""))
+                    if size != info.file_size:  # zipfile does not check this itself
+                        raise BadRequest(f"zip entry {info.filename!r} holds {size} bytes, "
+                                         f"not the {info.file_size} it declares")
             return sum(info.file_size for info, _ in entries)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
             NotImplementedError, RuntimeError, ValueError, OSError) as e:
@@ -1180,7 +1184,7 @@ class RequestBody:
             raise BadRequest("unsupported Transfer-Encoding")
         if not self.chunked:
             length = headers.get("Content-Length", "0").strip()
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise BadRequest(f"invalid Content-Length {length!r}")
             self.left = int(length)
             if self.left > limit:
@@ -1215,10 +1219,10 @@ class RequestBody:
 
     def _next_chunk(self):
         line = self.rfile.readline(1024)
-        try:
-            self.left = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise BadRequest("malformed chunked body") from None
+        size = line.split(b";")[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):  # int() takes "-2", "0x1", "1_0"
+            raise BadRequest("malformed chunked body")
+        self.left = int(size, 16)
         if self.left == 0:
             while self.rfile.readline(8 * KiB) not in (b"\r\n", b"\n", b""):
                 pass  # trailers are ignored
@@ -1589,7 +1593,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a too large body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.app.cfg.max_upload:
+        if length.isascii() and length.isdigit() and int(length) > self.app.cfg.max_upload:
             self.send_failure(PayloadTooLarge(f"request body of {length} bytes is larger than "
                                               f"the limit of {self.app.cfg.max_upload} bytes"))
             return False
@@ -1702,7 +1706,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(obj, separators=COMPACT).encode(), headers=headers)
 
     def send_failure(self, error):
-        if error.status >= 400 and not self.body_read():
+        # (http.server's own refusals come before self.body exists, and close anyway)
+        if error.status >= 400 and not self.close_connection and not self.body_read():
             self.close_connection = True  # the unread body would be taken as the next request
         body = {"error": error.code, "message": error.message, "status": error.status}
         self.send_json(error.status, body, headers=tuple(error.headers.items()))
@@ -1790,6 +1795,17 @@ class Server(ThreadingHTTPServer):
         if ":" in app.cfg.host:
             self.address_family = socket.AF_INET6
         super().__init__((app.cfg.host, app.cfg.port), Handler)
+
+    def shutdown_request(self, request):
+        """Close gently: read on (briefly) what the client is still sending, so that a
+        client refused early -- a 413, say -- reads our answer instead of a reset."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and request.recv(64 * KiB):
+                pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
