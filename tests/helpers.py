@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import struct
 import time
+import weakref
 import zlib
 from pathlib import Path
 
@@ -116,35 +117,45 @@ def raw_connect(port, timeout=10):
     return sock
 
 
+_unread = weakref.WeakKeyDictionary()  # socket -> bytes received past the last response
+
+
 def read_response(sock, timeout=10):
-    """(status, {lower-case header: value}, body) of one response; status None if the
-    server closed the connection without answering."""
+    """(status, {lower-case header: value}, body) of one response (after any 100
+    Continue); status None if the server closed the connection without answering.
+    Bytes of a following (pipelined) response are kept for the next call."""
     sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
+    data = _unread.pop(sock, b"")
+
+    def fill():
         try:
             chunk = sock.recv(65536)
         except ConnectionResetError:
             chunk = b""
-        if not chunk:
-            return None, {}, data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("iso-8859-1").split("\r\n")
-    status = int(lines[0].split()[1])
+        return chunk
+
+    while True:
+        while b"\r\n\r\n" not in data:
+            chunk = fill()
+            if not chunk:
+                return None, {}, data
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        lines = head.decode("iso-8859-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if not 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
+            break
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
+    while len(data) < length:
+        chunk = fill()
         if not chunk:
             break
-        body += chunk
+        data += chunk
+    body, _unread[sock] = data[:length], data[length:]
     return status, headers, body
 
 
