@@ -880,22 +880,31 @@ def group_alive(pgid):
         return True
 
 
-def kill_leftovers(pgid, job_dir):
+def kill_leftovers(pgid, job_dir, started_at=None):
     """Kill what an earlier jobd left of a job: processes working in its directory, and
-    its process group once a member proves the group is still that job's (pids get reused)."""
+    those of the job's session (run.sh led it) started since the job was -- pids get
+    reused, and a helper may have moved to another directory."""
     if not os.path.isdir("/proc"):
         return 0
+    job_dir = os.path.realpath(job_dir)  # /proc shows cwd with links resolved
+    since = None
+    if pgid and started_at:
+        with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/stat") as f:
+            boot = int(next(line for line in f if line.startswith("btime")).split()[1])
+            since = (started_at - boot - 1) * os.sysconf("SC_CLK_TCK")  # in clock ticks
     inside, groups = [], set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            cwd = os.readlink(f"/proc/{name}/cwd")
             with open(f"/proc/{name}/stat") as f:
-                group = int(f.read().rsplit(")", 1)[1].split()[2])
+                fields = f.read().rsplit(")", 1)[1].split()
+            group, session, start = int(fields[2]), int(fields[3]), int(fields[19])
+            cwd = os.readlink(f"/proc/{name}/cwd")
         except (OSError, ValueError, IndexError):
             continue
-        if cwd == job_dir or cwd.startswith(job_dir + "/"):
+        if (cwd == job_dir or cwd.startswith(job_dir + "/")
+                or (since is not None and session == pgid and start >= since)):
             inside.append(int(name))
             groups.add(group)
     for pid in inside:
@@ -1136,7 +1145,7 @@ class Runner:
         for job in self.store.running_jobs():
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
-            killed = kill_leftovers(job["pgid"], job_dir)
+            killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
             self.store.discard(job_dir)
             if job["attempts"] >= MAX_ATTEMPTS:
                 message = (f"job was interrupted {job['attempts']} times "
