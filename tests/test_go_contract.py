@@ -514,3 +514,18 @@ def test_orchestrator_client_pattern(jobd):
     assert not errors, errors
     assert sorted(files["result.txt"] for files in results.values()) == [
         f"job-{n}\n".encode() for n in range(4)]
+
+
+def test_ids_are_case_sensitive(jobd):
+    assert jobd.upload("Case", {"run.sh": "echo upper\n"}).status == 201
+    assert jobd.upload("case", {"run.sh": "echo lower\n"}).status == 201
+    assert jobd.output("Case")[1]["jobd.stdout"] == b"upper\n"
+    assert jobd.output("case")[1]["jobd.stdout"] == b"lower\n"
+
+
+def test_get_ignores_a_query_string_and_decodes_the_path(jobd):
+    assert jobd.upload("job-1", {"run.sh": "echo q\n"}).status == 201
+    jobd.wait("job-1")
+    assert jobd.request("GET", "/api/get/job-1?x=1").status == 200
+    assert jobd.request("GET", "/api/get/job%2D1").status == 200
+    assert jobd.request("GET", "/api/get/job%2F1").status == 404

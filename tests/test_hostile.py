@@ -597,3 +597,64 @@ def test_many_connections_opened_and_dropped(jobd):
             sock.sendall(b"GET /api/get/x HTTP/1.1\r\n")
         sock.close()
     assert_alive(jobd)
+
+
+# ==================================================================================
+# Hostile (or careless) jobs
+# ==================================================================================
+
+def test_links_made_by_a_job_are_not_followed_into_the_output(jobd):
+    script = ("ln -s /etc/passwd leak\nln -s / rootlink\nmkdir d\nln -s /etc d/etc\n"
+              "ln -s ../.. up\necho mine > mine.txt\n")
+    assert jobd.upload("links", {"run.sh": script}).status == 201
+    job, files = jobd.output("links")
+    assert job["Status"] == "SUCCESS"
+    assert files["mine.txt"] == b"mine\n"
+    assert not any(name.startswith(("leak", "rootlink", "d/etc", "up")) for name in files), files
+    assert all(b"root:" not in data for data in files.values())
+
+
+def test_fifo_and_socket_made_by_a_job_do_not_hang_the_result(jobd):
+    script = ("mkfifo pipe\n"
+              "python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.bind(\"sock\")'"
+              " || true\necho fine > fine.txt\n")
+    assert jobd.upload("fifo", {"run.sh": script}).status == 201
+    job, files = jobd.output("fifo", timeout=10)
+    assert job["Status"] == "SUCCESS" and files["fine.txt"] == b"fine\n"
+    assert "pipe" not in files and "sock" not in files
+
+
+def test_job_that_removes_its_own_directory_still_answers_with_a_zip(jobd):
+    assert jobd.upload("selfdel", {"run.sh": 'cd ..; rm -rf "$OLDPWD"\n'}).status == 201
+    job, files = jobd.output("selfdel")
+    assert job["ID"] == "selfdel" and job["Status"] in ("SUCCESS", "FAILED")
+    assert isinstance(files, dict)
+
+
+def test_background_processes_do_not_outlive_their_job(jobd, tmp_path):
+    pid_file = tmp_path / "bg.pid"
+    script = f'sleep 60 &\necho $! > "{pid_file}"\nsleep 60 > /dev/null 2>&1 &\necho done\n'
+    started = time.monotonic()
+    assert jobd.upload("bg", {"run.sh": script}).status == 201
+    job, files = jobd.output("bg", timeout=20)
+    assert job["Status"] == "SUCCESS" and files["jobd.stdout"] == b"done\n"
+    assert time.monotonic() - started < 10  # not waiting for the helpers
+    pid = int(pid_file.read_text())
+
+    def gone():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, 5, what="the job's background process to be killed")
+
+
+def test_a_job_signalling_its_process_group_hits_only_itself(jobd):
+    # (A job can of course signal jobd by its pid -- it runs as the same user, as in Go.)
+    assert jobd.upload("group", {"run.sh": "kill -TERM 0\necho after\n"}).status == 201
+    job, files = jobd.output("group", timeout=15)
+    assert job["Status"] == "FAILED" and "terminated" in job["Message"].lower(), job["Message"]
+    assert jobd.proc.poll() is None
+    assert_alive(jobd)

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 
@@ -34,6 +35,16 @@ def lines(path, word=None):
 def wait_lines(path, word, count, timeout=10):
     return wait_until(lambda: len(lines(path, word)) >= count and lines(path, word), timeout,
                       what=f"{count} {word!r} lines in {path.name}")
+
+
+def job_pgid(db_file, job_id):
+    """The process group jobd recorded for a running job (read-only look at its store)."""
+    db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute("SELECT pgid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row and row[0]
+    finally:
+        db.close()
 
 
 def gone(pid):
@@ -97,6 +108,11 @@ def test_kill_9_leftover_that_left_the_job_directory_is_stopped(make_jobd, tmp_p
         "echo done > marker.txt\n")
     assert server.upload("detached", {"run.sh": script}).status == 201
     first_pid = wait_lines(shared, "start", 1)[0].split()[1]
+    # jobd records the job's process group just after starting it; a crash before that
+    # leaves it only the job directory to find leftovers by (a window of a millisecond
+    # that this test, killing at once, would otherwise hit now and then)
+    wait_until(lambda: job_pgid(server.db, "detached") == int(first_pid), 5,
+               what="jobd to record the job's process group")
     server.kill()
     jobd_dead.touch()
     wait_until(lambda: gone(first_pid), 5, what="the first run.sh to end")
