@@ -89,8 +89,11 @@ def test_a_job_starts_at_once_not_on_a_poll(make_jobd, tmp_path):
         server.wait(f"quick{n}", timeout=10)
         latencies.append(time.monotonic() - started)
         time.sleep(0.05)  # let the workers go idle again between jobs
-    assert statistics.median(latencies) < 0.3, latencies
-    assert max(latencies) < 0.9, latencies
+    # A 1 s poll would put the median near 0.5 s and few below 0.1 s; allow for a loaded
+    # machine in the slowest ones.
+    latencies.sort()
+    assert statistics.median(latencies) < 0.25, latencies
+    assert latencies[len(latencies) // 4] < 0.1, latencies
 
 
 def test_one_worker_runs_jobs_one_at_a_time_in_order(make_jobd, tmp_path):
