@@ -529,3 +529,74 @@ def test_get_ignores_a_query_string_and_decodes_the_path(jobd):
     assert jobd.request("GET", "/api/get/job-1?x=1").status == 200
     assert jobd.request("GET", "/api/get/job%2D1").status == 200
     assert jobd.request("GET", "/api/get/job%2F1").status == 404
+
+
+# ==================================================================================
+# Improvements beyond the wire: memory, environment, logging
+# ==================================================================================
+
+def proc_status(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_serving_a_large_output_does_not_grow_memory(jobd):
+    # Go held the whole output in memory, several times (4.5 GB of RSS for 200 MB).
+    size = 48 << 20
+    script = f"head -c {size} /dev/urandom > big.bin\n"
+    assert jobd.upload("bigout", {"run.sh": script}).status == 201
+    deadline = time.monotonic() + 60
+    while jobd.request("HEAD", "/api/get/bigout").status != 200:
+        assert time.monotonic() < deadline, "the large job did not finish"
+        time.sleep(0.1)
+    pid = jobd.proc.pid
+    before = proc_status(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        pytest.skip("cannot reset the peak RSS of jobd here")
+    conn = http.client.HTTPConnection("127.0.0.1", jobd.port, timeout=60)
+    conn.request("GET", "/api/get/bigout")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert int(resp.getheader("Content-Length")) > size * 4 // 3
+    body = resp.read()
+    conn.close()
+    peak = proc_status(pid, "VmHWM")
+    assert peak - before < 32 << 20, f"jobd grew by {(peak - before) >> 20} MiB serving it"
+    job = json.loads(body)
+    files = unzip(base64.b64decode(job["Output"], validate=True))
+    assert len(files["big.bin"]) == size
+
+
+@pytest.mark.parametrize("library_path", [None, "/opt/custom/lib"], ids=["unset", "set"])
+def test_job_environment_is_exactly_jobds_own(make_jobd, library_path):
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    env["JOBD_TEST_MARKER"] = "exact"
+    if library_path:
+        env["LD_LIBRARY_PATH"] = library_path
+    server = make_jobd(env=env)
+    assert server.upload("envx", {"run.sh": "env -0 > env.bin\n"}).status == 201
+    job, files = server.output("envx")
+    seen = dict(item.split("=", 1) for item in files["env.bin"].decode().split("\0") if item)
+    shell_own = {"PWD", "SHLVL", "_", "OLDPWD"}  # set by the shell running run.sh
+    assert {k: v for k, v in seen.items() if k not in shell_own} == \
+        {k: v for k, v in env.items() if k not in shell_own}
+
+
+def test_one_log_line_per_request_and_per_job_state_change(jobd):
+    assert jobd.upload("logged", {"run.sh": "exit 4\n"}).status == 201
+    jobd.wait("logged")
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+    time.sleep(0.2)
+    lines = list(jobd.lines)
+    assert all(stamp.match(line) for line in lines), lines
+    posts = [line for line in lines if "POST" in line and "/api/upload" in line]
+    assert len(posts) == 1 and "201" in posts[0], lines
+    about_job = [line for line in lines if "logged" in line and "/api/" not in line]
+    assert any("RUNNING" in line for line in about_job), lines
+    assert any("FAILED" in line for line in about_job), lines

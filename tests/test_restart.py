@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -314,3 +315,20 @@ def test_retention_keeps_jobs_across_a_restart_within_the_period(make_jobd, tmp_
     server.start()
     job, files = server.output("kept")
     assert job["Status"] == "SUCCESS" and files["jobd.stdout"] == b"kept\n"
+
+
+def test_kill_9_during_an_upload_leaves_nothing_after_restart(make_jobd):
+    server = make_jobd()
+    body = upload_body("midway", make_zip({"run.sh": "true\n", "p": os.urandom(2 << 20)}))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"POST /api/upload HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[: len(body) // 2].encode())
+    spill = server.data / ".jobd" / "tmp"
+    wait_until(lambda: spill.is_dir() and os.listdir(spill), 10,
+               what="the upload to spill to a file")
+    server.kill()
+    sock.close()
+    server.start()
+    assert server.get("midway").status == 404
+    assert job_rows(server.db) == {}
+    assert [p for p in (server.data / ".jobd").rglob("*") if p.is_file()] == []
