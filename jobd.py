@@ -426,6 +426,8 @@ def zip_entries(zf, cfg):
         raise BadRequest(f"the zip has {len(infos)} entries; at most {cfg.max_entries} are allowed")
     unpacked, files, folders = 0, set(), set()
     for info in infos:
+        if "\0" in info.orig_filename:  # zipfile cuts .filename at a NUL, hiding it
+            raise BadRequest(f"unsafe path in zip: {info.orig_filename!r}")
         parts = entry_parts(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if info.is_dir():
@@ -473,8 +475,10 @@ def check_input_zip(source, cfg):
             for info, _ in entries:
                 if not info.is_dir():
                     with zf.open(info) as data:
-                        while data.read(CHUNK):
-                            pass
+                        size = sum(len(block) for block in iter(lambda: data.read(CHUNK), b""))
+                    if size != info.file_size:  # zipfile does not check this itself
+                        raise BadRequest(f"zip entry {info.filename!r} holds {size} bytes, "
+                                         f"not the {info.file_size} it declares")
             return sum(info.file_size for info, _ in entries)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
             NotImplementedError, RuntimeError, ValueError, OSError) as e:
@@ -1177,22 +1181,31 @@ def group_alive(pgid):
         return True
 
 
-def kill_leftovers(pgid, job_dir):
+def kill_leftovers(pgid, job_dir, started_at=None):
     """Kill what an earlier jobd left of a job: processes working in its directory, and
-    its process group once a member proves the group is still that job's (pids get reused)."""
+    those of the job's session (run.sh led it) started since the job was -- pids get
+    reused, and a helper may have moved to another directory."""
     if not os.path.isdir("/proc"):
         return 0
+    job_dir = os.path.realpath(job_dir)  # /proc shows cwd with links resolved
+    since = None
+    if pgid and started_at:
+        with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/stat") as f:
+            boot = int(next(line for line in f if line.startswith("btime")).split()[1])
+            since = (started_at - boot - 1) * os.sysconf("SC_CLK_TCK")  # in clock ticks
     inside, groups = [], set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            cwd = os.readlink(f"/proc/{name}/cwd")
             with open(f"/proc/{name}/stat") as f:
-                group = int(f.read().rsplit(")", 1)[1].split()[2])
+                fields = f.read().rsplit(")", 1)[1].split()
+            group, session, start = int(fields[2]), int(fields[3]), int(fields[19])
+            cwd = os.readlink(f"/proc/{name}/cwd")
         except (OSError, ValueError, IndexError):
             continue
-        if cwd == job_dir or cwd.startswith(job_dir + "/"):
+        if (cwd == job_dir or cwd.startswith(job_dir + "/")
+                or (since is not None and session == pgid and start >= since)):
             inside.append(int(name))
             groups.add(group)
     for pid in inside:
@@ -1549,7 +1562,7 @@ class Runner:
         for job in self.store.running_jobs():
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
-            killed = kill_leftovers(job["pgid"], job_dir)
+            killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
             self.store.discard(job_dir)
             if job["attempts"] >= MAX_ATTEMPTS:
                 message = (f"job was interrupted {job['attempts']} times "
@@ -1597,7 +1610,7 @@ class RequestBody:
             raise BadRequest("unsupported Transfer-Encoding")
         if not self.chunked:
             length = headers.get("Content-Length", "0").strip()
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise BadRequest(f"invalid Content-Length {length!r}")
             self.left = int(length)
             if self.left > limit:
@@ -1632,10 +1645,10 @@ class RequestBody:
 
     def _next_chunk(self):
         line = self.rfile.readline(1024)
-        try:
-            self.left = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise BadRequest("malformed chunked body") from None
+        size = line.split(b";")[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):  # int() takes "-2", "0x1", "1_0"
+            raise BadRequest("malformed chunked body")
+        self.left = int(size, 16)
         if self.left == 0:
             while self.rfile.readline(8 * KiB) not in (b"\r\n", b"\n", b""):
                 pass  # trailers are ignored
@@ -2753,7 +2766,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a too large body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.app.cfg.max_upload:
+        if length.isascii() and length.isdigit() and int(length) > self.app.cfg.max_upload:
             self.send_failure(PayloadTooLarge(f"request body of {length} bytes is larger than "
                                               f"the limit of {self.app.cfg.max_upload} bytes"))
             return False
@@ -2917,7 +2930,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.sendfile(f, first, count)
 
     def send_failure(self, error):
-        if error.status >= 400 and not self.body_read():
+        # (http.server's own refusals come before self.body exists, and close anyway)
+        if error.status >= 400 and not self.close_connection and not self.body_read():
             self.close_connection = True  # the unread body would be taken as the next request
         body = {"error": error.code, "message": error.message, "status": error.status}
         self.send_json(error.status, body, headers=tuple(error.headers.items()))
@@ -3393,6 +3407,17 @@ class Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def shutdown_request(self, request):
+        """Close gently: read on (briefly) what the client is still sending, so that a
+        client refused early -- a 413, say -- reads our answer instead of a reset."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and request.recv(64 * KiB):
+                pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
