@@ -27,6 +27,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import stat
 import subprocess
@@ -118,7 +119,8 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("host", "JOBD_HOST", "0.0.0.0", str, "address to listen on"),
+    Setting("host", "JOBD_HOST", "", str,
+            "address to listen on (default: every interface, IPv6 and IPv4)"),
     Setting("port", "PORT", 8080, parse_port, "TCP port (0 picks a free one)"),
     Setting("db", "DB_PATH", "./db", str,
             "SQLite database file, or an existing directory to hold jobd.sqlite3"),
@@ -177,8 +179,11 @@ class Config:
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
     for setting in SETTINGS:
+        metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
+                   parse_count: "N", parse_port: "PORT"}.get(setting.parse)
         kind = {"switch": dict(action="store_const", const="true"),
-                "list": dict(action="append", metavar="VALUE")}.get(setting.kind, {})
+                "list": dict(action="append", metavar="PREFIX")}.get(
+                    setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
 
@@ -1036,14 +1041,17 @@ class Store:
 # Runner: a fixed pool of worker threads, one subprocess per job
 # ====================================================================================
 
+SECRETS = ("JOBD_TOKEN", "SLURML_API_TOKEN")  # jobd's own; a job has no use for them
+
+
 def job_environment():
-    """The environment jobs run with: the one jobd was started with.
+    """The environment jobs run with: the one jobd was started with, minus its secrets.
 
     A frozen jobd (PyInstaller) points LD_LIBRARY_PATH into its own unpacked bundle;
     a tool started by run.sh would then load jobd's libraries instead of its image's
     and can crash. Restore the original value, or drop it if there was none.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
@@ -2168,7 +2176,8 @@ class Handler(BaseHTTPRequestHandler):
                                      self.sent)
             self.app.log("http", method=method, path=url.path, status=self.status,
                          ms=round((time.monotonic() - started) * 1000, 1),
-                         client=self.client_address[0] if self.client_address else None)
+                         client=self.client_address[0].removeprefix("::ffff:")
+                         if self.client_address else None)
 
     def authorize(self, path):
         """With a token configured, /api/ (and /metrics unless public) need the bearer
@@ -2584,10 +2593,28 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # 200 clients connecting at once must not be refused
 
     def __init__(self, app):
+        """Listen on cfg.host; "" means every interface, IPv6 and IPv4 (like Go's ":8080"),
+        falling back to IPv4 alone where the system has no IPv6."""
         self.app = app
-        if ":" in app.cfg.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((app.cfg.host, app.cfg.port), Handler)
+        host = app.cfg.host
+        if host == "" and socket.has_ipv6:
+            try:
+                self.address_family, self.dual_stack = socket.AF_INET6, True
+                super().__init__(("::", app.cfg.port), Handler)
+                return
+            except OSError:
+                pass
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.dual_stack = False
+        super().__init__((host or "0.0.0.0", app.cfg.port), Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can hang for seconds
+        # in a container without DNS; jobd never uses it.
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -2614,6 +2641,7 @@ def is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+
 def serve(cfg):
     """Run the daemon until SIGTERM or SIGINT; then stop gracefully and return 0."""
     log = Log(cfg.log_format)
@@ -2635,6 +2663,7 @@ def serve(cfg):
     app.runner.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
     if not cfg.token and not is_loopback(cfg.host):
         log("no token set (JOBD_TOKEN or --token-file): anyone who can reach this port can "
             "run jobs", level="warning")

@@ -354,3 +354,16 @@ def test_json_logs_are_one_object_a_line(make_jobd):
     assert finished and finished[0]["job"] == "j" and finished[0]["seconds"] >= 0
     requests = [e for e in events if e["event"] == "http"]
     assert {"method", "path", "status", "ms"} <= set(requests[0])
+
+
+def test_jobs_see_jobds_environment_but_not_its_secrets(make_jobd):
+    env = {**os.environ, "JOBD_TOKEN": TOKEN, "SLURML_API_TOKEN": "other-secret",
+           "MY_SETTING": "kept"}
+    jobd = make_jobd(env=env)
+    assert put(jobd, "env", "env > env.txt\n").status == 201
+    wait_status(jobd, "env", {"SUCCESS"}, headers=AUTH)
+    files = unzip(jobd.request("GET", "/api/jobs/env/output", headers=AUTH).body)
+    seen = dict(line.split("=", 1) for line in files["env.txt"].decode().splitlines()
+                if "=" in line)
+    assert seen["MY_SETTING"] == "kept"
+    assert "JOBD_TOKEN" not in seen and "SLURML_API_TOKEN" not in seen
