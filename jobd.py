@@ -20,10 +20,12 @@ import hashlib
 import hmac
 import http.client
 import io
+import itertools
 import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -105,14 +107,63 @@ def parse_log_format(text):
     return text
 
 
+def parse_executor(text):
+    if text not in ("local", "slurm"):
+        raise ValueError(f"must be local or slurm, not {text!r}")
+    return text
+
+
+def parse_http_url(text):
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    return text
+
+
+# sbatch options jobd sets itself, or that would break how it follows a job (one job id,
+# its output in the job directory, found again by its name) or whose user it runs as:
+# neither --slurm-option nor a job may give them. Long name -> short form.
+SBATCH_RESERVED = {"chdir": "D", "output": "o", "error": "e", "input": "i", "job-name": "J",
+                   "array": "a", "wait": "W", "wrap": None, "parsable": None, "test-only": None,
+                   "uid": None, "gid": None, "get-user-env": None, "help": "h", "usage": None,
+                   "version": "V"}
+
+
+def parse_sbatch_option(text):
+    """One server-wide sbatch argument as sbatch takes it: --partition=short, --exclusive."""
+    if not text.startswith("-") or text in ("-", "--"):
+        raise ValueError(f"{text!r} is not an sbatch option (give one argument, e.g. "
+                         "--partition=short)")
+    if text.startswith("--"):
+        name = text[2:].split("=", 1)[0]
+    else:
+        name = next((long for long, short in SBATCH_RESERVED.items() if short == text[1:2]),
+                    None)
+    if name in SBATCH_RESERVED:
+        raise ValueError(f"{text!r}: jobd sets or forbids --{name} itself")
+    return text
+
+
+def parse_sbatch_names(text):
+    """The sbatch options a job may set, by long name: 'partition,time,mem'."""
+    names = tuple(name.lstrip("-") for name in re.split(r"[\s,]+", text.strip()) if name)
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise ValueError(f"{name!r} is not the long name of an sbatch option")
+        if name in SBATCH_RESERVED:
+            raise ValueError(f"jobs may not set --{name}: jobd sets or forbids it itself")
+    return names
+
+
 class Setting:
     """One setting: a flag, an environment variable, a default and a parser. `kind` is
     "value", "switch" (a flag without argument) or "list" (a repeatable flag; in the
-    environment, separated by spaces or commas)."""
+    environment, separated by spaces or commas, or by `split`)."""
 
-    def __init__(self, name, env, default, parse, help, kind="value"):
+    def __init__(self, name, env, default, parse, help, kind="value", split=None):
         self.name, self.env, self.default, self.parse, self.help = name, env, default, parse, help
         self.kind = kind
+        self.split = split or (lambda raw: re.split(r"[\s,]+", raw.strip()))
 
     @property
     def flag(self):
@@ -157,15 +208,32 @@ SETTINGS = [
             "URL prefix completion callbacks may go to (repeatable)", kind="list"),
     Setting("callback_retry", "JOBD_CALLBACK_RETRY", 3600.0, parse_seconds,
             "how long a failing callback is retried"),
+    Setting("executor", "JOBD_EXECUTOR", "local", parse_executor,
+            "where jobs run: local (here) or slurm (sbatch; DATAPATH must be shared)"),
+    Setting("slurm_option", "JOBD_SLURM_OPTIONS", (), parse_sbatch_option,
+            "sbatch option for every job, as one argument: --slurm-option=--partition=short "
+            "(repeatable; in the environment, split like a shell line)", kind="list",
+            split=shlex.split),
+    Setting("slurm_job_options", "JOBD_SLURM_JOB_OPTIONS", (), parse_sbatch_names,
+            "sbatch options a job may set itself, by name: partition,time,mem (default: none)"),
+    Setting("slurm_poll", "JOBD_SLURM_POLL", 1.0, parse_seconds,
+            "time between two looks at Slurm (one squeue call for all jobs)"),
+    Setting("slurml_url", "SLURML_API_URL", None, parse_http_url,
+            "slurml service that \"slurml\": true uploads are forwarded to, as by the Go jobd "
+            "(with the token in SLURML_API_TOKEN)"),
+    Setting("slurml_poll", "JOBD_SLURML_POLL", 30.0, parse_seconds,
+            "time between two questions to the slurml service about a job"),
 ]
 
 
 class Config:
     """The validated settings, read once in main() and passed down; never changed after.
-    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file."""
+    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file, and
+    `slurml_token`, from SLURML_API_TOKEN (secrets are never flags)."""
 
-    def __init__(self, token=None, **values):
+    def __init__(self, token=None, slurml_token=None, **values):
         object.__setattr__(self, "token", token)
+        object.__setattr__(self, "slurml_token", slurml_token)
         for setting in SETTINGS:
             object.__setattr__(self, setting.name, values.get(setting.name, setting.default))
 
@@ -183,7 +251,8 @@ def server_arguments(parser):
         metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
                    parse_count: "N", parse_port: "PORT"}.get(setting.parse)
         kind = {"switch": dict(action="store_const", const="true"),
-                "list": dict(action="append", metavar="PREFIX")}.get(
+                "list": dict(action="append", metavar="OPTION" if setting.name == "slurm_option"
+                             else "PREFIX")}.get(
                     setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
@@ -201,7 +270,7 @@ def load_config(args, environ):
             continue
         try:
             if setting.kind == "list":
-                items = raw if isinstance(raw, list) else re.split(r"[\s,]+", raw.strip())
+                items = raw if isinstance(raw, list) else setting.split(raw)
                 values[setting.name] = tuple(setting.parse(item) for item in items if item)
             else:
                 values[setting.name] = setting.parse(raw)
@@ -216,7 +285,14 @@ def load_config(args, environ):
             raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
         if not token:
             raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
-    return Config(token=token, **values)
+    if values.get("executor") == "slurm":
+        missing = [name for name in ("sbatch", "squeue", "scancel", "scontrol")
+                   if shutil.which(name, path=environ.get("PATH", os.defpath)) is None]
+        if missing:
+            raise SystemExit(f"jobd: --executor slurm: {', '.join(missing)} not on PATH")
+    elif values.get("slurm_option") or values.get("slurm_job_options"):
+        raise SystemExit("jobd: --slurm-option and --slurm-job-options need --executor slurm")
+    return Config(token=token, slurml_token=environ.get("SLURML_API_TOKEN") or None, **values)
 
 
 # ====================================================================================
@@ -512,10 +588,11 @@ def compression_for(path, size):
     return zipfile.ZIP_DEFLATED, 6 if size <= 16 * MiB else 1
 
 
-def write_result_zip(job_dir, dest):
+def write_result_zip(job_dir, dest, leave_out=()):
     """Zip the whole job directory into dest (a path or a Spool), streaming file by file.
 
-    Symbolic links are left out: following them could pack files from outside the job.
+    Symbolic links are left out: following them could pack files from outside the job;
+    so are the top-level files named in `leave_out` (jobd's own).
     """
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, allowZip64=True,
                          strict_timestamps=False) as zf:
@@ -525,6 +602,8 @@ def write_result_zip(job_dir, dest):
             if relative != ".":
                 zf.write(root, relative + "/")
             for name in sorted(files):
+                if relative == "." and name in leave_out:
+                    continue
                 path = os.path.join(root, name)
                 try:
                     st = os.lstat(path)
@@ -670,23 +749,40 @@ JOB_COLUMNS = [
     # job-orchestrator client protocol: submitted through POST /submit, and refused there
     ("orchestrator", "INTEGER NOT NULL DEFAULT 0"),
     ("refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("slurm_options", "TEXT"),  # the job's own sbatch options, a JSON object
+    ("submit_tag", "TEXT"),     # Slurm job name, recorded before sbatch runs (see Slurm)
 ]
-INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
+INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
+           # the claim skips jobs waiting in Slurm's queue, however many there are
+           "CREATE INDEX IF NOT EXISTS jobs_to_claim ON jobs (status, slurml, slurm_id, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
 SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
-                                  timeout, callback)
-                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?)"""
+                                  timeout, callback, slurm_options)
+                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)"""
 SQL_COUNT_QUEUED = "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'"
 SQL_COUNT_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
-SQL_NEXT_QUEUED = "SELECT id FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
+# A QUEUED job with a slurm_id waits in Slurm's queue, not in jobd's: never claimed again.
+SQL_NEXT_QUEUED = """SELECT id FROM jobs WHERE status = 'QUEUED' AND slurml = ? AND slurm_id = 0
+                     ORDER BY seq LIMIT 1"""
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
-               attempts = attempts + 1, pgid = NULL WHERE id = ? AND status = 'QUEUED'"""
+               attempts = attempts + 1, pgid = NULL
+               WHERE id = ? AND status = 'QUEUED' AND slurm_id = 0"""
 SQL_SET_PGID = "UPDATE jobs SET pgid = ? WHERE id = ?"
 SQL_FINISH = """UPDATE jobs SET status = ?, message = ?, exit_code = ?, output_bytes = ?,
-                finished_at = ?, updated_at = ?, pgid = NULL WHERE id = ? AND status = ?"""
-SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL,
-                 attempts = attempts - ? WHERE id = ? AND status = 'RUNNING'"""
+                finished_at = ?, updated_at = ?, pgid = NULL
+                WHERE id = ? AND status = ? AND slurm_id = ?"""
+SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL, submit_tag = NULL,
+                 attempts = attempts - ? WHERE id = ? AND status = 'RUNNING' AND slurm_id = 0"""
+SQL_SET_SUBMIT_TAG = """UPDATE jobs SET submit_tag = ?
+                        WHERE id = ? AND status = 'RUNNING' AND slurm_id = 0"""
+SQL_TRACK = """UPDATE jobs SET slurm_id = ?, status = ?, message = ?, updated_at = ?,
+               started_at = COALESCE(?, started_at)
+               WHERE id = ? AND slurm_id = ? AND status IN ('QUEUED', 'RUNNING')"""
+SQL_SLURM_JOBS = """SELECT * FROM jobs WHERE slurml = 0 AND status IN ('QUEUED', 'RUNNING')
+                    AND (slurm_id > 0 OR submit_tag IS NOT NULL) ORDER BY seq"""
+SQL_SLURML_JOBS = """SELECT * FROM jobs WHERE slurml = 1 AND status = 'RUNNING' AND slurm_id > 0
+                     ORDER BY seq"""
 SQL_RUNNING = "SELECT * FROM jobs WHERE status = 'RUNNING' ORDER BY seq"
 SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_at < ?"""
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
@@ -885,7 +981,7 @@ class Store:
 
     # -- the life of a job ---------------------------------------------------------------
 
-    def add(self, job_id, spool, slurml=False, timeout=None, callback=None):
+    def add(self, job_id, spool, slurml=False, timeout=None, callback=None, slurm_options=None):
         """Accept a job whose input zip is in `spool`: durable when this returns.
 
         Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
@@ -894,7 +990,8 @@ class Store:
         share that transaction and its fsync (group commit): the first waiting upload
         leads, commits everyone waiting, wakes them, and hands the lead to the next one.
         """
-        entry = {"id": job_id, "spool": spool, "row": (int(slurml), timeout, callback),
+        entry = {"id": job_id, "spool": spool,
+                 "row": (int(slurml), timeout, callback, slurm_options),
                  "error": None, "lead": False, "event": threading.Event()}
         if not spool.in_memory:
             spool.durable_file()  # the fsync of a large input happens outside the queue
@@ -958,14 +1055,15 @@ class Store:
         with self._db() as db:
             return db.execute(SQL_GET, (job_id,)).fetchone()
 
-    def claim_next(self):
-        """Move the oldest queued job to RUNNING and return it, or None. Atomic."""
+    def claim_next(self, slurml=False):
+        """Move the oldest job in jobd's queue (of slurml jobs, or of the others) to
+        RUNNING and return it, or None. Atomic."""
         with self._db() as db:
-            if db.execute(SQL_NEXT_QUEUED).fetchone() is None:
+            if db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone() is None:
                 return None  # the common idle case needs no write lock
         now = time.time()
         with self._write() as db:
-            row = db.execute(SQL_NEXT_QUEUED).fetchone()
+            row = db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone()
             if row is None:
                 return None
             db.execute(SQL_CLAIM, (now, now, row["id"]))
@@ -975,15 +1073,16 @@ class Store:
         with self._write() as db:
             db.execute(SQL_SET_PGID, (pgid, job_id))
 
-    def finish(self, job_id, status, message, exit_code=None, output=None, was=RUNNING):
-        """Record the end of a job that is in state `was`, with its result zip (a Spool);
-        False if the job was not in that state."""
+    def finish(self, job_id, status, message, exit_code=None, output=None, was=RUNNING,
+               slurm_id=0):
+        """Record the end of a job that is in state `was` (and has that Slurm id), with its
+        result zip (a Spool); False if the job was not in that state."""
         size = output.size if output is not None else None
         self._place(output, job_id, "output")
         now = time.time()
         with self._write() as db:
             cursor = db.execute(SQL_FINISH, (status, message, exit_code, size,
-                                             now, now, job_id, was))
+                                             now, now, job_id, was, slurm_id))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
             if cursor.rowcount == 1:
@@ -993,9 +1092,34 @@ class Store:
         return cursor.rowcount == 1
 
     def requeue(self, job_id, count_attempt):
-        """Put a running job back in the queue (jobd is stopping or restarting)."""
+        """Put a running job back in the queue (jobd is stopping or restarting, or Slurm
+        never got it); never one that Slurm has."""
         with self._write() as db:
             db.execute(SQL_REQUEUE, (time.time(), 0 if count_attempt else 1, job_id))
+
+    def set_submit_tag(self, job_id, tag):
+        """Record, before sbatch runs, the name the job will have in Slurm."""
+        with self._write() as db:
+            db.execute(SQL_SET_SUBMIT_TAG, (tag, job_id))
+
+    def track(self, job_id, slurm_id, status, message, was_slurm_id, started_at=None):
+        """Record what Slurm (or slurml) says of a job in flight: its id there, QUEUED or
+        RUNNING, a message; False if the job has ended or changed hands meanwhile."""
+        now = time.time()
+        with self._write() as db:
+            cursor = db.execute(SQL_TRACK, (slurm_id, status, message, now, started_at,
+                                            job_id, was_slurm_id))
+        return cursor.rowcount == 1
+
+    def slurm_jobs(self):
+        """Jobs Slurm has, or may have (a submit tag without an id yet)."""
+        with self._db() as db:
+            return db.execute(SQL_SLURM_JOBS).fetchall()
+
+    def slurml_jobs(self):
+        """Jobs forwarded to slurml and not yet ended."""
+        with self._db() as db:
+            return db.execute(SQL_SLURML_JOBS).fetchall()
 
     def list_jobs(self, statuses, before, limit):
         """Jobs newest first, older than sequence number `before`, optionally by status."""
@@ -1356,13 +1480,17 @@ class Runner:
 
     A worker is woken the moment a job is accepted, claims the oldest queued job in one
     atomic store transaction (so each job runs exactly once), runs it in its own process
-    group and records the result. A failure in one job never stops a worker.
+    group and records the result. A failure in one job never stops a worker. With
+    --executor slurm a worker hands the job to sbatch instead (Slurm, below); slurml
+    jobs are never claimed by workers (Slurml).
     """
 
     def __init__(self, store, cfg, log, metrics):
         self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
         self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
+        self.slurm = Slurm(self)  # its poller runs only when there are Slurm jobs to follow
+        self.slurml = Slurml(self) if cfg.slurml_url and cfg.slurml_token else None
         # Scripts without #! run with bash when the system has it: scripts written for
         # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
         self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
@@ -1382,6 +1510,10 @@ class Runner:
             self._spawn(self.work, f"worker-{number}")
         self._spawn(self.sweep_loop, "janitor")
         self._spawn(lambda: self.callbacks.run(self.stopping), "callbacks")
+        if self.cfg.executor == "slurm" or self.store.slurm_jobs():
+            self._spawn(lambda: self.slurm.run(self.stopping), "slurm")
+        if self.slurml:
+            self._spawn(lambda: self.slurml.run(self.stopping), "slurml")
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1392,12 +1524,18 @@ class Runner:
         with self.wakeup:
             self.generation += 1
             self.wakeup.notify()
+        if self.slurml:
+            self.slurml.wakeup.set()
 
     def stop(self, grace):
-        """Stop every running job (TERM, then KILL after grace) and queue it again."""
+        """Stop every running job (TERM, then KILL after grace) and queue it again. Jobs
+        in Slurm or at slurml are left there: the next start follows them again."""
         self.stopping.set()
         with self.wakeup:
             self.wakeup.notify_all()
+        self.slurm.wakeup.set()
+        if self.slurml:
+            self.slurml.wakeup.set()
         with self.lock:
             running = list(self.active.values())
         for active in running:
@@ -1448,9 +1586,14 @@ class Runner:
                 raise FileNotFoundError("the job's input is missing from the store")
             with source:
                 extract_input_zip(source, job_dir, self.cfg)
-            outcome = self.execute(job_id, job_dir, active, job["timeout"])
+            if self.cfg.executor == "slurm":
+                outcome = self.slurm.submit(job, job_dir, active)
+            else:
+                outcome = self.execute(job_id, job_dir, active, job["timeout"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
+        if outcome is SUBMITTED:  # Slurm has it now; the Slurm poller follows it
+            return
         if outcome is None:  # jobd is stopping: run it again at the next start
             self.store.requeue(job_id, count_attempt=False)
             self.store.discard(job_dir)
@@ -1508,20 +1651,21 @@ class Runner:
                 time.sleep(0.02)
         signal_group(pgid, signal.SIGKILL)
 
-    def finish(self, job_id, status, message, exit_code=None, was=RUNNING):
+    def finish(self, job_id, status, message, exit_code=None, was=RUNNING, slurm_id=0,
+               leave_out=()):
         """Zip the job directory once into the result, record the end (if the job is
-        still in state `was`), and remove the directory unless DEBUG."""
+        still in state `was`, with that Slurm id), and remove the directory unless DEBUG."""
         job_dir = self.store.job_dir(job_id)
         output = self.store.spool()
         try:
             if os.path.isdir(job_dir):
-                write_result_zip(job_dir, output)
+                write_result_zip(job_dir, output, leave_out)
             else:
                 output.write(EMPTY_ZIP)
-            return self.store.finish(job_id, status, message, exit_code, output, was)
+            return self.store.finish(job_id, status, message, exit_code, output, was, slurm_id)
         except OSError as e:
             self.log("result zip failed", level="error", job=job_id, error=str(e))
-            return self.store.finish(job_id, status, message, exit_code, None, was)
+            return self.store.finish(job_id, status, message, exit_code, None, was, slurm_id)
         finally:
             output.discard()
             if not self.cfg.debug:
@@ -1542,11 +1686,18 @@ class Runner:
                 self.log("job", job=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
-        if active is None:
-            return False
-        active.stop("cancel", self.cfg.grace)
-        active.done.wait(wait)
-        return True
+        deadline = time.monotonic() + wait
+        if active is not None:  # running here, or being handed to Slurm
+            active.stop("cancel", self.cfg.grace)
+            active.done.wait(wait)
+        job = self.store.get(job_id)
+        if job is None or job["status"] in FINISHED:
+            return active is not None
+        if job["slurml"]:
+            return self.slurml is not None and self.slurml.cancel(job)
+        if job["slurm_id"] > 0 or job["submit_tag"]:
+            return self.slurm.cancel(job, deadline)
+        return active is not None
 
     def delete(self, job_id):
         """Cancel a job if needed, then remove its record and every file."""
@@ -1560,6 +1711,8 @@ class Runner:
         """Start-up: clean what a crash left, queue interrupted jobs again (up to a limit)."""
         self.store.sweep_orphans()
         for job in self.store.running_jobs():
+            if job["slurm_id"] > 0 or job["submit_tag"]:
+                continue  # in Slurm or at slurml (or maybe in Slurm): followed from there
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
             killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
@@ -1587,6 +1740,594 @@ class Runner:
         for job_id in self.store.expired(time.time() - self.cfg.retention):
             self.store.remove(job_id)
             self.log("job removed", job=job_id, reason="retention")
+
+
+# ------------------------------------------------------------------------------------
+# Runner: Slurm (--executor slurm), and the Go daemon's slurml service
+# ------------------------------------------------------------------------------------
+# With --executor slurm a worker does not run run.sh itself: it unpacks the job into its
+# directory as usual (under DATAPATH, which the compute nodes must share), hands it to
+# sbatch, and is free again. One poller thread follows every job in Slurm with a single
+# squeue call per --slurm-poll, scancels on cancel and time-out, and zips the result with
+# Runner.finish once Slurm is done, exactly as for a local job.
+#
+# States. QUEUED means "waiting to run": in jobd's queue (slurm_id 0), or in Slurm's
+# (slurm_id > 0: PENDING, CONFIGURING). The claim takes only the first kind, in one UPDATE
+# that requires slurm_id = 0, so a job Slurm has is never claimed, nor submitted, again.
+# A claimed job is RUNNING while jobd unpacks and submits it, QUEUED while Slurm keeps it
+# pending, RUNNING once it runs (StartedAt is then moved to the real start, and the job's
+# time limit counts from there), and ends as Slurm says (SLURM_STATES).
+#
+# Run once across crashes. Before sbatch runs, the record gets a submit tag: the job's
+# name in Slurm, jobd-<id>-<random>. A record with a tag and no Slurm id (jobd died, or
+# sbatch failed or hung, in between) may or may not be in Slurm; the poller looks the
+# name up, and queues the job again only when Slurm has never seen it.
+#
+# Nothing lost. A job that has left slurmctld's memory (MinJobAge after it ended, while
+# jobd was not looking) is resolved from the exit status the batch script leaves in the
+# job directory, else from Slurm's jobcomp/filetxt record; only when neither appears
+# within SLURM_LOST_AFTER seconds is it failed, with a message that says so.
+
+SUBMITTED = "submitted"  # Slurm.submit's outcome once Slurm has (or may have) the job
+SLURM_STATES = {
+    **dict.fromkeys(("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                     "RESV_DEL_HOLD"), QUEUED),
+    **dict.fromkeys(("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING",
+                     "STAGE_OUT", "RESIZING"), RUNNING),
+    "COMPLETED": SUCCESS,
+    "CANCELLED": CANCELLED,
+    **dict.fromkeys(("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                     "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"), FAILED),
+}
+SLURM_CALL_TIMEOUT = 30.0   # squeue, scancel, scontrol: ~7 ms, but they hang with slurmctld
+SBATCH_TIMEOUT = 60.0
+SLURM_LOST_AFTER = 60.0     # also covers NFS attribute caching of the exit status file
+SQUEUE_BATCH = 2000         # job ids per squeue call (far below the argument-length limit)
+EXIT_FILE = ".jobd-exit-status"  # "<exit status> <Slurm job id>", written by the batch script
+JOBD_FILES = (EXIT_FILE, EXIT_FILE + ".tmp")  # left out of the result zip
+# sbatch errors after which the job may have been accepted all the same
+SBATCH_UNSURE = re.compile(r"timed out|Unable to contact|Zero Bytes|Connection refused|"
+                           r"temporarily|Communication connection failure", re.IGNORECASE)
+
+# The batch script, given to sbatch on stdin: run.sh as a local job runs it, then its exit
+# status left in the job directory (atomically) for when Slurm has forgotten the job.
+# The explicit cd refuses to run anywhere else: with a --chdir it cannot enter, Slurm
+# would run the job in /tmp and call it a success.
+BATCH_SCRIPT = """#!/bin/sh
+# jobd job {job_id}
+cd {job_dir} || {{ echo "jobd: cannot enter {job_dir} on $(hostname)" >&2; exit 97; }}
+{command}
+status=$?
+echo "$status $SLURM_JOB_ID" > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}
+exit $status
+"""
+RUN_WITH_SHELL = "if command -v bash >/dev/null 2>&1; then bash run.sh; else /bin/sh run.sh; fi"
+
+
+def check_slurm_options(options, cfg, slurml=False):
+    """A job's own sbatch options ({"partition": "short", "exclusive": true}), checked
+    against --slurm-job-options; their JSON text for the store, or None."""
+    if options is None or options == {}:
+        return None
+    if not isinstance(options, dict):
+        raise BadRequest('"slurm" must be an object of sbatch options, e.g. {"time": "10"}')
+    if cfg.executor != "slurm" or slurml:
+        raise BadRequest("sbatch options are only for jobs that this jobd runs through Slurm "
+                         "(--executor slurm)")
+    checked = {}
+    for name, value in options.items():
+        name = name.lstrip("-")
+        if name not in cfg.slurm_job_options:
+            allowed = ", ".join(cfg.slurm_job_options) or "none"
+            raise BadRequest(f"sbatch option {name!r} may not be set by a job here "
+                             f"(allowed: {allowed}; --slurm-job-options)")
+        if value is True:
+            checked[name] = True
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadRequest(f"sbatch option {name!r} needs a string, a number or true")
+        value = str(value)
+        if not value or len(value) > 256 or not value.isprintable():
+            raise BadRequest(f"sbatch option {name!r} has an unusable value {value[:50]!r}")
+        checked[name] = value
+    return json.dumps(checked)
+
+
+def parse_slurm_header(text):
+    """The X-Jobd-Slurm header, 'partition=short; time=10; exclusive', as a dict."""
+    if text is None:
+        return None
+    options = {}
+    for item in text.split(";"):
+        name, equals, value = item.strip().partition("=")
+        if name.strip():
+            options[name.strip()] = value.strip() if equals else True
+    return options
+
+
+def parse_slurm_record(text):
+    """Slurm's one-line 'Key=Value Key=Value' (jobcomp, scontrol) as a dict; a value runs
+    up to the next ' Key=', so values with spaces survive."""
+    text = text.strip()
+    keys = [m for m in re.finditer(r"([A-Za-z][\w/:]*)=", text)
+            if m.start() == 0 or text[m.start() - 1] == " "]
+    return {m.group(1): text[m.end(): following.start() - 1 if following else len(text)]
+            for m, following in zip(keys, keys[1:] + [None])}
+
+
+def read_exit_file(job_dir):
+    """(exit status, Slurm job id or None) that the batch script left, or None."""
+    try:
+        with open(os.path.join(job_dir, EXIT_FILE)) as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Slurm:
+    """Runs jobs through Slurm: submit() from a worker, one poller thread (run) for every
+    job in flight, cancel() for cancel, time-out and delete. See the notes above."""
+
+    def __init__(self, runner):
+        self.runner, self.store, self.cfg, self.log = runner, runner.store, runner.cfg, runner.log
+        # sbatch passes its own environment to the job (--export=ALL): the jobs' one,
+        # without jobd's secrets; squeue and scancel defaults from it would change the
+        # answers jobd reads.
+        self.env = {name: value for name, value in runner.env.items()
+                    if not name.startswith(("SQUEUE_", "SCANCEL_"))}
+        self.wakeup = threading.Event()
+        self.lock = threading.Lock()    # guards the two fields below
+        self.stopping = {}              # job id -> [reason, monotonic time to scancel again]
+        self.missing = {}               # job id -> when Slurm was first found not to know it
+        self.jobcomp_file = None        # JobCompLoc, once `scontrol show config` has said
+
+    def call(self, argv, input="", timeout=SLURM_CALL_TIMEOUT):
+        """Run a Slurm command with a time limit: (exit status or None if it hung or could
+        not start, stdout, stderr)."""
+        try:
+            done = subprocess.run(argv, input=input, capture_output=True, text=True,
+                                  env=self.env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, "", f"{argv[0]} timed out after {timeout:g} s"
+        except OSError as e:
+            return None, "", f"{argv[0]}: {e.strerror}"
+        return done.returncode, done.stdout, done.stderr.strip()
+
+    # -- submit (on a worker thread) -----------------------------------------------------
+
+    def submit(self, job, job_dir, active):
+        """Hand a prepared job directory to sbatch: SUBMITTED, an outcome like execute()'s
+        when Slurm refuses it, or None when jobd is stopping before it was sent."""
+        job_id = job["id"]
+        with active.lock:
+            reason = active.reason
+        if reason == "shutdown":
+            return None
+        if reason:
+            return CANCELLED, "job cancelled", None
+        tag = f"jobd-{job_id}-{uuid.uuid4().hex[:8]}"
+        self.store.set_submit_tag(job_id, tag)
+        with open(os.path.join(job_dir, RUN_SH), "rb") as f:
+            command = "./run.sh" if f.read(2) == b"#!" else RUN_WITH_SHELL
+        script = BATCH_SCRIPT.format(job_id=job_id, job_dir=shlex.quote(job_dir),
+                                     command=command, exit_file=EXIT_FILE)
+        own = json.loads(job["slurm_options"] or "{}")
+        argv = (["sbatch", "--parsable", f"--chdir={job_dir}", f"--job-name={tag}",
+                 f"--output={os.path.join(job_dir, STDOUT_FILE)}",
+                 f"--error={os.path.join(job_dir, STDERR_FILE)}", *self.cfg.slurm_option]
+                + [f"--{name}" if value is True else f"--{name}={value}"
+                   for name, value in own.items()])
+        code, out, err = self.call(argv, input=script, timeout=SBATCH_TIMEOUT)
+        first = out.strip().split(";")[0]
+        if code == 0 and first.isdigit():
+            slurm_id = int(first)
+            self.store.track(job_id, slurm_id, QUEUED, f"Slurm job {slurm_id}: PENDING", 0)
+            self.log("job", job=job_id, status=QUEUED, slurm_id=slurm_id)
+            with active.lock:
+                reason = active.reason
+            if reason == "cancel":
+                self.stop(job_id, slurm_id, reason)
+            return SUBMITTED
+        if code is None or SBATCH_UNSURE.search(err):
+            self.log("sbatch failed; Slurm may have the job all the same, so the poller will "
+                     "look it up before it is submitted again", level="warning", job=job_id,
+                     error=err)
+            with active.lock:
+                reason = active.reason
+            if reason == "cancel":
+                self.stop(job_id, None, reason)
+            return SUBMITTED
+        lines = [line for line in err.splitlines() if line.strip()] or [f"sbatch exit {code}"]
+        return FAILED, f"Slurm refused the job: {lines[-1]}", None
+
+    # -- the poller --------------------------------------------------------------------
+
+    def run(self, stopping):
+        while not stopping.is_set():
+            try:
+                self.poll()
+            except Exception:
+                self.log("slurm poller error", level="error", error=traceback.format_exc())
+            self.wakeup.wait(self.cfg.slurm_poll)
+            self.wakeup.clear()
+
+    def poll(self):
+        """One look at Slurm for every job in flight, and what follows from it."""
+        jobs = self.store.slurm_jobs()
+        in_flight = {job["id"] for job in jobs}
+        with self.lock:  # forget jobs that ended otherwise (deleted before Slurm said so)
+            for notes in (self.stopping, self.missing):
+                for job_id in set(notes) - in_flight:
+                    del notes[job_id]
+        known = {job["slurm_id"]: job for job in jobs if job["slurm_id"] > 0}
+        states = self.squeue(list(known))
+        if states is None:
+            return  # Slurm did not answer: nothing is concluded from silence
+        self.scancel_again(known, states)
+        for slurm_id, job in known.items():
+            seen = states.get(slurm_id) or self.find_ended(job)
+            if seen:
+                self.follow(job, *seen)
+        with self.runner.lock:
+            submitting = set(self.runner.active)
+        unsure = [job for job in jobs if job["slurm_id"] <= 0 and job["id"] not in submitting]
+        if unsure:
+            self.find_submissions(unsure)
+
+    def squeue(self, slurm_ids):
+        """{Slurm id: (state, wait status, reason)} for the ids Slurm still knows, in one
+        call (per SQUEUE_BATCH ids); None when Slurm did not answer."""
+        states = {}
+        for start in range(0, len(slurm_ids), SQUEUE_BATCH):
+            part = slurm_ids[start: start + SQUEUE_BATCH]
+            code, out, err = self.call(["squeue", "-h", "-t", "all", "-j",
+                                        ",".join(map(str, part)),
+                                        "-O", "JobID:|,State:|,exit_code:|,Reason:"])
+            if code != 0:
+                if code == 1 and len(part) == 1 and "Invalid job id" in err:
+                    continue  # one forgotten id alone is an error; among others, just absent
+                self.log("squeue failed", level="warning", error=err)
+                return None
+            for line in out.splitlines():
+                fields = [field.strip() for field in line.split("|")] + ["", "", ""]
+                if fields[0].isdigit():
+                    wait_status = int(fields[2]) if fields[2].isdigit() else 0
+                    states[int(fields[0])] = (fields[1], wait_status, fields[3])
+        return states
+
+    def follow(self, job, state, wait_status, reason):
+        """Bring a job's record up to date with what Slurm says of it."""
+        job_id, slurm_id = job["id"], job["slurm_id"]
+        with self.lock:
+            self.missing.pop(job_id, None)
+        status = SLURM_STATES.get(state, job["status"])  # a state new to jobd changes nothing
+        if status in FINISHED:
+            return self.end(job, state, wait_status, reason)
+        message = f"Slurm job {slurm_id}: {state}"
+        if reason and reason != "None":
+            message += f" ({reason})"
+        started = time.time() if status == RUNNING and job["status"] != RUNNING else None
+        if (status, message) != (job["status"], job["message"]):
+            self.store.track(job_id, slurm_id, status, message, slurm_id, started)
+        if status == RUNNING and job["timeout"]:
+            if time.time() >= (started or job["started_at"]) + job["timeout"]:
+                self.stop(job_id, slurm_id, "timeout")
+
+    def end(self, job, state, wait_status, reason):
+        """Record the end Slurm reported, with the job directory zipped as for a local job."""
+        job_id, slurm_id = job["id"], job["slurm_id"]
+        job_dir = self.store.job_dir(job_id)
+        with self.lock:
+            stopped_for = self.stopping.pop(job_id, [None])[0]
+            self.missing.pop(job_id, None)
+        status = SLURM_STATES[state]
+        where = f"Slurm job {slurm_id} {state}"
+        if reason not in ("", "None"):
+            where += f", {reason}"
+        code, signum = wait_status >> 8, wait_status & 0x7F
+        exit_code = None
+        if status == CANCELLED:
+            # after a restart the reason is gone, but a deadline that has passed still says it
+            late = (job["timeout"] and job["status"] == RUNNING
+                    and time.time() >= job["started_at"] + job["timeout"])
+            if stopped_for == "timeout" or (stopped_for is None and late):
+                status, message = FAILED, f"job timed out after {job['timeout']:g} s and was killed"
+            else:
+                message = "job cancelled" if stopped_for else f"job cancelled in Slurm ({where})"
+        elif (state == "FAILED" and (code == 97 or reason == "JobLaunchFailure")
+              and read_exit_file(job_dir) is None):
+            # the batch script's cd failed, or Slurm could not open the output files there
+            message = (f"could not finish the job, error: {where}: the compute node cannot "
+                       f"use {job_dir}: is DATAPATH on a file system the compute nodes share?")
+            exit_code = 97 if code == 97 else None
+        elif status == SUCCESS:
+            message, exit_code = "job finished successfully", 0
+        elif code or signum:
+            _, message, exit_code = describe_exit(code or -signum, os.devnull)
+            tail = last_line(os.path.join(job_dir, STDERR_FILE))
+            message += f" ({where})" + (f": {tail}" if tail else "")
+        else:
+            message = f"could not finish the job, error: {where}"
+        if self.runner.finish(job_id, status, message, exit_code, was=job["status"],
+                              slurm_id=slurm_id, leave_out=JOBD_FILES):
+            self.runner.metrics.job_finished(max(0.0, time.time() - (job["started_at"] or 0)))
+            self.log("job", job=job_id, status=status, exit_code=exit_code, slurm_id=slurm_id,
+                     message=None if status == SUCCESS else message)
+
+    def find_ended(self, job):
+        """(state, wait status, reason) of a job Slurm no longer lists: from the exit
+        status the batch script left, else from Slurm's jobcomp record. None while
+        neither is there; after SLURM_LOST_AFTER seconds the job is failed."""
+        exited = read_exit_file(self.store.job_dir(job["id"]))
+        if exited and exited[1] in (job["slurm_id"], None):
+            state = "COMPLETED" if exited[0] == 0 else "FAILED"
+            return state, exited[0] << 8, "exit status file"
+        record = self.jobcomp(job, slurm_id=job["slurm_id"])
+        if record:
+            state = record[0] if SLURM_STATES.get(record[0]) in FINISHED else "FAILED"
+            return state, record[1], record[2]
+        with self.lock:
+            first = self.missing.setdefault(job["id"], time.monotonic())
+        if time.monotonic() - first < SLURM_LOST_AFTER:
+            return None
+        message = (f"Slurm no longer knows job {job['slurm_id']}, and it left neither an exit "
+                   "status in the job directory nor a jobcomp record: it was probably "
+                   "cancelled, or its node failed, while jobd was not looking")
+        if self.runner.finish(job["id"], FAILED, message, None, was=job["status"],
+                              slurm_id=job["slurm_id"], leave_out=JOBD_FILES):
+            self.log("job", job=job["id"], status=FAILED, level="warning", message=message)
+        return None
+
+    def jobcomp(self, job, slurm_id=None, name=None):
+        """The last jobcomp/filetxt record of a job (by Slurm id or job name, in the job's
+        directory): (state, wait status, reason, Slurm id), or None."""
+        if self.jobcomp_file is None:
+            code, out, _ = self.call(["scontrol", "show", "config"])
+            if code != 0:
+                return None
+            config = dict(re.findall(r"^(\w+)\s*=\s*(.*?)\s*$", out, re.MULTILINE))
+            self.jobcomp_file = (config.get("JobCompLoc", "")
+                                 if config.get("JobCompType") == "jobcomp/filetxt" else "")
+        if not self.jobcomp_file:
+            return None
+        key = f"JobId={slurm_id} " if slurm_id else f" Name={name} "  # a quick first sieve
+        found = None
+        try:
+            with open(self.jobcomp_file, errors="replace") as f:
+                for line in f:
+                    if key not in line:
+                        continue
+                    record = parse_slurm_record(line)
+                    if (record.get("JobId") == str(slurm_id) if slurm_id
+                            else record.get("Name") == name) \
+                            and record.get("WorkDir", "") in ("", self.store.job_dir(job["id"])):
+                        found = record
+        except OSError:
+            return None
+        if found is None or not found.get("JobId", "").isdigit():
+            return None
+        code, _, signum = found.get("ExitCode", "0:0").partition(":")
+        wait_status = (int(code) << 8 | int(signum)) if (code + signum).isdigit() else 0
+        state = (found.get("JobState") or "FAILED").split()[0]
+        return state, wait_status, "jobcomp record", int(found["JobId"])
+
+    def find_submissions(self, jobs):
+        """Jobs whose sbatch may or may not have reached Slurm: follow each one Slurm has
+        (looked up by name, 500 names per squeue call), queue the others again."""
+        for start in range(0, len(jobs), 500):
+            tags = {job["submit_tag"]: job for job in jobs[start: start + 500]}
+            code, out, _ = self.call(["squeue", "-h", "-t", "all", "--name=" + ",".join(tags),
+                                      "-O", "JobID:|,Name:"])
+            if code != 0:
+                return  # ask again at the next poll
+            found = {}
+            for line in out.splitlines():
+                number, _, name = (part.strip() for part in line.partition("|"))
+                if number.isdigit() and name in tags:
+                    found[name] = max(found.get(name, 0), int(number))
+            for tag, job in tags.items():
+                self.found_or_not(job, found.get(tag))
+
+    def found_or_not(self, job, slurm_id):
+        """Follow a job found in Slurm (by name, by the exit status it left, or in jobcomp);
+        queue one Slurm has never seen again, or end it if it was cancelled meanwhile."""
+        job_id = job["id"]
+        exited = read_exit_file(self.store.job_dir(job_id))
+        if not slurm_id and exited and exited[1]:
+            slurm_id = exited[1]
+        if not slurm_id:
+            record = self.jobcomp(job, name=job["submit_tag"])
+            slurm_id = record and record[3]
+        with self.lock:
+            stopped_for = self.stopping.pop(job_id, [None])[0]
+        if slurm_id:
+            if self.store.track(job_id, slurm_id, QUEUED, f"Slurm job {slurm_id}: found", 0):
+                self.log("job", job=job_id, status=QUEUED, slurm_id=slurm_id,
+                         reason="found in Slurm by its name")
+                if stopped_for:
+                    self.stop(job_id, slurm_id, stopped_for)
+        elif stopped_for:
+            self.runner.finish(job_id, CANCELLED, "job cancelled")
+        else:
+            self.store.requeue(job_id, count_attempt=False)
+            self.log("job", job=job_id, status=QUEUED, reason="Slurm never got it; queued again")
+            self.runner.notify()
+
+    # -- cancel and time-out -------------------------------------------------------------
+
+    def stop(self, job_id, slurm_id, reason):
+        """scancel a job (once; see scancel_again); the poller records its end when Slurm
+        reports it, that is once Slurm has killed every process of the job."""
+        with self.lock:
+            if job_id in self.stopping:
+                return
+            self.stopping[job_id] = [reason, time.monotonic()]
+        if slurm_id:
+            self.scancel({job_id: slurm_id})
+        self.wakeup.set()
+
+    def scancel(self, slurm_ids):
+        """scancel {job id: Slurm id} in one call; asked again after 10 s while Slurm still
+        lists them as not ended (after one poll if the call failed)."""
+        code, _, err = self.call(["scancel", *map(str, slurm_ids.values())])
+        again = time.monotonic() + (10.0 if code == 0 else self.cfg.slurm_poll)
+        with self.lock:
+            for job_id in slurm_ids:
+                if job_id in self.stopping:
+                    self.stopping[job_id][1] = again
+        if code != 0:
+            self.log("scancel failed", level="warning", error=err)
+
+    def scancel_again(self, known, states):
+        now = time.monotonic()
+        with self.lock:
+            due = {job["id"]: slurm_id for slurm_id, job in known.items()
+                   if job["id"] in self.stopping and self.stopping[job["id"]][1] <= now
+                   and SLURM_STATES.get(states.get(slurm_id, ("",))[0]) in (QUEUED, RUNNING)}
+        if due:
+            self.scancel(due)
+
+    def cancel(self, job, deadline):
+        """Cancel a job in Slurm; wait until it has ended (or `deadline`). True."""
+        self.stop(job["id"], job["slurm_id"], "cancel")
+        while time.monotonic() < deadline:
+            job = self.store.get(job["id"])
+            if job is None or job["status"] in FINISHED:
+                break
+            time.sleep(0.05)
+        return True
+
+
+class Slurml:
+    """Forwards "slurml": true jobs to the slurml service as the Go daemon does
+    (domain/jobs/jobs_dto.go: PostToSlurml, GetFromSlurml): POST <url>/api/submit with
+    {"payload": <the input zip, base64>} and the raw token in Authorization -> 201
+    {"jobid": N}; then GET <url>/api/download/N every --slurml-poll -> 204 not ready,
+    206 {"output"} PARTIAL, 200 {"output"} SUCCESS, anything else FAILED. Unlike Go, a
+    service that cannot be reached is asked again at the next poll instead of failing
+    the job, and a job past its time limit is failed here (slurml has no cancel)."""
+
+    TIMEOUT = 60.0  # one request
+
+    def __init__(self, runner):
+        self.runner, self.store, self.cfg, self.log = runner, runner.store, runner.cfg, runner.log
+        self.wakeup = threading.Event()
+
+    def run(self, stopping):
+        next_poll = time.monotonic()
+        while not stopping.is_set():
+            try:
+                while not stopping.is_set():
+                    job = self.store.claim_next(slurml=True)
+                    if job is None:
+                        break
+                    self.forward(job)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.cfg.slurml_poll
+                    for job in self.store.slurml_jobs():
+                        if stopping.is_set():
+                            break
+                        self.check(job)
+            except Exception:
+                self.log("slurml error", level="error", error=traceback.format_exc())
+            self.wakeup.wait(max(0.0, next_poll - time.monotonic()))
+            self.wakeup.clear()
+
+    def request(self, method, path, payload=None):
+        """One request to the service, as Go sends it: (status, body)."""
+        parts = urlsplit(self.cfg.slurml_url + path)  # Go appends the path to the URL as is
+        connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                      else http.client.HTTPConnection)
+        conn = connection(parts.hostname, parts.port, timeout=self.TIMEOUT)
+        headers = {"Authorization": self.cfg.slurml_token, "User-Agent": f"jobd/{__version__}"}
+        body = None
+        if payload is not None:
+            # Go's body, byte for byte; the base64 is made as it is sent.
+            head, tail = b'{\n\t\t\t"payload": "', b'"\n\t\t}'
+            size = payload.seek(0, io.SEEK_END)
+            payload.seek(0)
+            headers["Content-Length"] = str(len(head) + 4 * ((size + 2) // 3) + len(tail))
+            body = itertools.chain(
+                [head], iter(lambda: base64.b64encode(payload.read(3 * 256 * KiB)), b""), [tail])
+        try:
+            conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                         body, headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def forward(self, job):
+        job_id = job["id"]
+        source = self.store.open_input(job_id)
+        if source is None:
+            return self.end(job, FAILED, "could not forward the job: its input is missing")
+        try:
+            with source:
+                status, body = self.request("POST", "/api/submit", source)
+        except (OSError, http.client.HTTPException) as e:
+            return self.end(job, FAILED, f"could not forward the job to slurml: {e}")
+        if status != 201:
+            return self.end(job, FAILED, f"slurml refused the job: HTTP {status}")
+        try:
+            jobid = json.loads(body)["jobid"]
+            assert isinstance(jobid, int) and not isinstance(jobid, bool) and jobid > 0
+        except (ValueError, TypeError, KeyError, AssertionError):
+            return self.end(job, FAILED, f"slurml accepted the job without a job id: "
+                                         f"{body[:100]!r}")
+        if self.store.track(job_id, jobid, RUNNING, f"forwarded to slurml as job {jobid}", 0):
+            self.log("job", job=job_id, status=RUNNING, slurml_jobid=jobid)
+
+    def check(self, job):
+        """Ask the service about one job; record its end if it has one."""
+        jobid = job["slurm_id"]
+        if job["timeout"] and time.time() >= job["started_at"] + job["timeout"]:
+            return self.end(job, FAILED, f"job timed out after {job['timeout']:g} s (slurml "
+                                         f"cannot cancel: its job {jobid} may still run there)")
+        try:
+            status, body = self.request("GET", f"/api/download/{jobid}")
+        except (OSError, http.client.HTTPException) as e:
+            self.log("slurml not reachable", level="warning", job=job["id"], error=str(e))
+            return
+        if status == 204:
+            return
+        if status in (200, 206):
+            try:
+                output = base64.b64decode(json.loads(body)["output"], validate=True)
+            except (ValueError, TypeError, KeyError, binascii.Error):
+                return self.end(job, FAILED, f"slurml job {jobid} answered an unreadable output")
+            if status == 200:
+                return self.end(job, SUCCESS, f"slurml job {jobid} finished", output)
+            return self.end(job, PARTIAL, f"slurml job {jobid} finished (partial output)", output)
+        self.end(job, FAILED, f"slurml job {jobid} failed (HTTP {status})")
+
+    def end(self, job, status, message, output=None):
+        """Record a forwarded job's end with its output (slurml's zip, or an empty one)."""
+        spool = self.store.spool()
+        spool.write(EMPTY_ZIP if output is None else output)
+        try:
+            finished = self.store.finish(job["id"], status, message, None, spool, was=RUNNING,
+                                         slurm_id=job["slurm_id"])
+        finally:
+            spool.discard()
+        if finished:
+            self.runner.callbacks.wakeup.set()
+            self.runner.metrics.job_finished(max(0.0, time.time() - (job["started_at"] or 0)))
+            self.log("job", job=job["id"], status=status,
+                     message=None if status == SUCCESS else message)
+        return finished
+
+    def cancel(self, job):
+        """End a forwarded job here (slurml has no cancel). True if it was still running."""
+        for _ in range(2):  # once more if it was being forwarded at that very moment
+            if self.end(job, CANCELLED, "job cancelled (slurml has no cancel: it may still "
+                        f"run there as job {job['slurm_id']})"):
+                return True
+            job = self.store.get(job["id"])
+            if job is None or job["status"] != RUNNING:
+                return False
+        return False
 
 
 # ====================================================================================
@@ -1707,7 +2448,7 @@ class UploadReader:
     and unknown keys are ignored.
     """
 
-    KNOWN = ("id", "slurml", "timeout", "callback")
+    KNOWN = ("id", "slurml", "timeout", "callback", "slurm")
     SMALL, LARGE = 64 * KiB, 16 * MiB
     STRUCTURE = re.compile(rb'["\[\]{}]')
     VALUE_END = re.compile(rb"[,}\]\s]")
@@ -2571,7 +3312,11 @@ def openapi_document():
          "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
          "description": "time limit in seconds (capped by --max-timeout)"},
         {"name": "X-Jobd-Callback", "in": "header", "required": False,
-         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
+         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"},
+        {"name": "X-Jobd-Slurm", "in": "header", "required": False,
+         "schema": {"type": "string"}, "example": "partition=short; time=10",
+         "description": "the job's own sbatch options, 'name=value; name' (only those the "
+                        "server allows: --slurm-job-options)"}]
     paths = {
         "/api/upload": {"post": operation(
             "upload", "Submit a job, Go style: the zip as base64 inside JSON",
@@ -2690,7 +3435,13 @@ _STATE = {"type": "string", "enum": list(STATES)}
 SCHEMAS = {
     "Upload": _object({"id": _STRING, "input": dict(_STRING, format="byte"), "slurml": _BOOL,
                        "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
-                       "callback": _STRING}, required=["id", "input"]),
+                       "callback": _STRING,
+                       "slurm": {"type": "object", "description": "the job's own sbatch "
+                                 "options, e.g. {\"time\": \"10\"} (only those the server "
+                                 "allows: --slurm-job-options)",
+                                 "additionalProperties": {"oneOf": [
+                                     _STRING, _INT, {"type": "boolean", "enum": [True]}]}}},
+                      required=["id", "input"]),
     "Job": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
                     "Input": _STRING, "Output": _STRING, "Message": _STRING, "SlurmID": _INT,
                     "Slurml": _BOOL, "ExitCode": _NULL_INT}),
@@ -2970,20 +3721,22 @@ class Handler(BaseHTTPRequestHandler):
             check_job_id(job_id)
             if not input_given:
                 raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
-            if slurml:
-                raise BadRequest("slurml jobs are not supported by this jobd")
-            options = self.job_options(fields.get("timeout"), fields.get("callback"))
+            if slurml and not (app.cfg.slurml_url and app.cfg.slurml_token):
+                raise BadRequest("slurml jobs are forwarded to a slurml service, and this jobd "
+                                 "has none: set SLURML_API_URL and SLURML_API_TOKEN")
+            options = self.job_options(fields.get("timeout"), fields.get("callback"),
+                                       fields.get("slurm"), slurml=bool(slurml))
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool, **options)
+            job = app.store.add(job_id, spool, slurml=bool(slurml), **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
 
-    def job_options(self, timeout, callback):
+    def job_options(self, timeout, callback, slurm=None, slurml=False):
         """A job's validated options: its time limit (its own, else the server's default,
-        capped by --max-timeout) and its callback URL."""
+        capped by --max-timeout), its callback URL and its own sbatch options."""
         cfg = self.app.cfg
         if timeout is not None:
             if isinstance(timeout, str):
@@ -2999,7 +3752,8 @@ class Handler(BaseHTTPRequestHandler):
             timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
         if callback is not None:
             check_callback_url(callback, cfg.callback_allow)
-        return {"timeout": timeout, "callback": callback}
+        return {"timeout": timeout, "callback": callback,
+                "slurm_options": check_slurm_options(slurm, cfg, slurml)}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -3053,7 +3807,8 @@ class Handler(BaseHTTPRequestHandler):
         """Stream the body to the store's spool, validate it like /api/upload, store it."""
         app = self.app
         options = self.job_options(self.headers.get("X-Jobd-Timeout"),
-                                   self.headers.get("X-Jobd-Callback"))
+                                   self.headers.get("X-Jobd-Callback"),
+                                   parse_slurm_header(self.headers.get("X-Jobd-Slurm")))
         spool = app.store.spool()
         try:
             body = self.request_body()
