@@ -14,7 +14,6 @@ import struct
 import time
 import weakref
 import zlib
-from pathlib import Path
 
 GO_ERROR_KEYS = ["error", "message", "status"]
 JOB_KEYS = ["LastUpdated", "ID", "Status", "Path", "Input", "Output", "Message", "SlurmID",
@@ -243,8 +242,3 @@ def zeros_deflated(mebibytes):
     for _ in range(mebibytes):
         crc = zlib.crc32(zeros, crc)
     return block * mebibytes + tail, crc
-
-
-def write_file(path, text):
-    Path(path).write_text(text)
-    return Path(path)

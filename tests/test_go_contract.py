@@ -5,7 +5,9 @@ Each test talks to a real jobd on 127.0.0.1 and runs real run.sh scripts.
 """
 
 import base64
+import hashlib
 import http.client
+import io
 import json
 import os
 import random
@@ -19,7 +21,7 @@ import pytest
 
 from conftest import make_zip, unzip
 from helpers import (JOB_KEYS, JSON_TYPE, RFC3339_UTC, assert_go_error, assert_nothing_stored,
-                     gate_script, raw_connect, read_response, raw_zip, upload_body, zip_entry)
+                     gate_script, raw_connect, raw_zip, upload_body, zip_entry)
 
 TRIVIAL = make_zip({"run.sh": "echo ok\n"})
 
@@ -182,7 +184,6 @@ def test_the_201_arrives_after_a_large_input_is_stored(jobd):
     check_job_object(resp, "big-in", "QUEUED")
     job, files = jobd.output("big-in")
     assert files["payload"] == payload
-    import hashlib
     assert files["sum"].split()[0].decode() == hashlib.sha256(payload).hexdigest()
 
 
@@ -351,7 +352,7 @@ def test_finished_job_output_is_the_whole_directory(jobd):
     assert files["jobd.stdout"] == b"to-stdout\n"
     assert files["jobd.stderr"] == b"to-stderr\n"
     assert "empty/" in files  # an empty folder run.sh made is kept
-    with zipfile.ZipFile(__import__("io").BytesIO(raw)) as zf:
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         assert zf.testzip() is None
         info = zf.getinfo("top.txt")
         assert info.compress_type == zipfile.ZIP_DEFLATED
@@ -442,7 +443,6 @@ def test_large_input_round_trips_byte_exact(jobd):
     job, files = jobd.output("mb", timeout=60)
     assert job["Status"] == "SUCCESS"
     assert files["blob.bin"] == blob and files["dir/text.txt"] == text
-    import hashlib
     assert files["sums"].split()[0].decode() == hashlib.sha256(blob).hexdigest()
 
 
@@ -600,3 +600,23 @@ def test_one_log_line_per_request_and_per_job_state_change(jobd):
     about_job = [line for line in lines if "logged" in line and "/api/" not in line]
     assert any("RUNNING" in line for line in about_job), lines
     assert any("FAILED" in line for line in about_job), lines
+
+
+def test_executable_inputs_stay_executable(jobd):
+    zip_bytes = make_zip({"run.sh": "./bin/tool.sh > out.txt\n",
+                          "bin/tool.sh": "#!/bin/sh\necho tool\n"}, modes={"bin/tool.sh": 0o100755})
+    assert jobd.upload("modes", zip_bytes=zip_bytes).status == 201
+    job = jobd.wait("modes").json()
+    assert job["Status"] == "SUCCESS", job["Message"]
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(job["Output"]))) as zf:
+        assert zf.read("out.txt") == b"tool\n"
+        assert (zf.getinfo("bin/tool.sh").external_attr >> 16) & 0o111
+
+
+def test_missing_interpreter_is_a_failed_job_with_output(jobd):
+    assert jobd.upload("nointerp", {"run.sh": "#!/no/such/shell\necho x\n"}).status == 201
+    resp = jobd.wait("nointerp")
+    assert resp.status == 200
+    job = resp.json()
+    assert job["Status"] == "FAILED" and "run.sh" in job["Message"], job["Message"]
+    assert "run.sh" in unzip(base64.b64decode(job["Output"], validate=True))

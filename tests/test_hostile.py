@@ -14,8 +14,8 @@ import pytest
 
 from conftest import make_zip
 from helpers import (JSON_TYPE, assert_go_error, assert_nothing_stored, closed_by_peer,
-                     raw_connect, raw_exchange, raw_zip, read_response, tree_size, upload_body, wait_until,
-                     zeros_deflated, zip_entry)
+                     raw_connect, raw_exchange, raw_zip, read_response, tree_size, upload_body,
+                     wait_until, zeros_deflated, zip_entry)
 
 RUN = zip_entry("run.sh", b"echo x\n")
 
