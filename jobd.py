@@ -16,13 +16,18 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
+import hmac
+import http.client
 import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import stat
 import subprocess
@@ -86,9 +91,27 @@ def parse_bool(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_seconds(text):
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def parse_log_format(text):
+    if text not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return text
+
+
 class Setting:
-    def __init__(self, name, env, default, parse, help):
+    """One setting: a flag, an environment variable, a default and a parser. `kind` is
+    "value", "switch" (a flag without argument) or "list" (a repeatable flag; in the
+    environment, separated by spaces or commas)."""
+
+    def __init__(self, name, env, default, parse, help, kind="value"):
         self.name, self.env, self.default, self.parse, self.help = name, env, default, parse, help
+        self.kind = kind
 
     @property
     def flag(self):
@@ -96,7 +119,8 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("host", "JOBD_HOST", "0.0.0.0", str, "address to listen on"),
+    Setting("host", "JOBD_HOST", "", str,
+            "address to listen on (default: every interface, IPv6 and IPv4)"),
     Setting("port", "PORT", 8080, parse_port, "TCP port (0 picks a free one)"),
     Setting("db", "DB_PATH", "./db", str,
             "SQLite database file, or an existing directory to hold jobd.sqlite3"),
@@ -107,7 +131,8 @@ SETTINGS = [
             "how long finished jobs are kept (e.g. 2d, 12h)"),
     Setting("grace", "JOBD_GRACE", 10.0, parse_duration,
             "time between SIGTERM and SIGKILL when jobs are stopped"),
-    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run"),
+    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run",
+            kind="switch"),
     Setting("max_upload", "JOBD_MAX_UPLOAD", 2 * GiB, parse_size, "largest request body"),
     Setting("max_unpacked", "JOBD_MAX_UNPACKED", 16 * GiB, parse_size,
             "largest total unpacked size of an input zip"),
@@ -115,14 +140,31 @@ SETTINGS = [
             "most entries in an input zip"),
     Setting("request_timeout", "JOBD_REQUEST_TIMEOUT", 60.0, parse_duration,
             "idle time after which a connection or a stalled upload is dropped"),
-    Setting("log_format", "JOBD_LOG_FORMAT", "text", str, "text or json"),
+    Setting("log_format", "JOBD_LOG_FORMAT", "text", parse_log_format,
+            "text (readable) or json (one object a line)"),
+    Setting("token_file", "JOBD_TOKEN_FILE", None, str,
+            "file holding the API token (instead of JOBD_TOKEN in the environment)"),
+    Setting("metrics_public", "JOBD_METRICS_PUBLIC", False, parse_bool,
+            "serve /metrics without the token", kind="switch"),
+    Setting("timeout", "JOBD_TIMEOUT", None, parse_seconds,
+            "time limit of a job that sets none (default: none)"),
+    Setting("max_timeout", "JOBD_MAX_TIMEOUT", None, parse_seconds,
+            "the longest time limit a job may have"),
+    Setting("max_queued", "JOBD_MAX_QUEUED", None, parse_count,
+            "most jobs waiting; beyond it uploads get 429"),
+    Setting("callback_allow", "JOBD_CALLBACK_ALLOW", (), str,
+            "URL prefix completion callbacks may go to (repeatable)", kind="list"),
+    Setting("callback_retry", "JOBD_CALLBACK_RETRY", 3600.0, parse_seconds,
+            "how long a failing callback is retried"),
 ]
 
 
 class Config:
-    """The validated settings, read once in main() and passed down; never changed after."""
+    """The validated settings, read once in main() and passed down; never changed after.
+    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file."""
 
-    def __init__(self, **values):
+    def __init__(self, token=None, **values):
+        object.__setattr__(self, "token", token)
         for setting in SETTINGS:
             object.__setattr__(self, setting.name, values.get(setting.name, setting.default))
 
@@ -137,7 +179,11 @@ class Config:
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
     for setting in SETTINGS:
-        kind = {"debug": dict(action="store_const", const="true")}.get(setting.name, {})
+        metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
+                   parse_count: "N", parse_port: "PORT"}.get(setting.parse)
+        kind = {"switch": dict(action="store_const", const="true"),
+                "list": dict(action="append", metavar="PREFIX")}.get(
+                    setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
 
@@ -153,12 +199,23 @@ def load_config(args, environ):
         if raw is None:
             continue
         try:
-            values[setting.name] = setting.parse(raw)
+            if setting.kind == "list":
+                items = raw if isinstance(raw, list) else re.split(r"[\s,]+", raw.strip())
+                values[setting.name] = tuple(setting.parse(item) for item in items if item)
+            else:
+                values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise SystemExit(f"jobd: {source}: {e}")
-    if values.get("log_format", "text") not in ("text", "json"):
-        raise SystemExit("jobd: --log-format must be text or json")
-    return Config(**values)
+    token = environ.get("JOBD_TOKEN") or None
+    if values.get("token_file"):
+        try:
+            with open(values["token_file"]) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
+        if not token:
+            raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
+    return Config(token=token, **values)
 
 
 # ====================================================================================
@@ -199,6 +256,63 @@ def rfc3339(timestamp, digits=6):
     seconds = int(timestamp)
     fraction = int((timestamp - seconds) * 10 ** digits)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"
+
+
+class Metrics:
+    """Counters since start, for GET /metrics (Prometheus text format)."""
+
+    BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}                       # HTTP status code -> count
+        self.bytes_in = self.bytes_out = 0
+        self.duration_buckets = [0] * len(self.BUCKETS)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+
+    def request(self, status, received, sent):
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def job_finished(self, seconds):
+        with self.lock:
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    self.duration_buckets[i] += 1
+            self.duration_sum += seconds
+            self.duration_count += 1
+
+    def render(self, counts, running, uptime):
+        """The exposition text; `counts` maps each job state to its number of jobs."""
+        lines = []
+
+        def metric(name, kind, help, samples):
+            lines.extend([f"# HELP jobd_{name} {help}", f"# TYPE jobd_{name} {kind}"])
+            lines.extend(f"jobd_{name}{labels} {value}" for labels, value in samples)
+
+        with self.lock:
+            metric("info", "gauge", "Version of this jobd.", [(f'{{version="{__version__}"}}', 1)])
+            metric("uptime_seconds", "gauge", "Seconds since jobd started.", [("", round(uptime, 3))])
+            metric("jobs", "gauge", "Jobs in the store, by state.",
+                   [(f'{{state="{state}"}}', counts.get(state, 0)) for state in STATES])
+            metric("queue_depth", "gauge", "Jobs waiting to run.", [("", counts.get(QUEUED, 0))])
+            metric("running_jobs", "gauge", "Jobs running now.", [("", running)])
+            buckets = [(f'{{le="{bound:g}"}}', n)
+                       for bound, n in zip(self.BUCKETS, self.duration_buckets)]
+            metric("job_duration_seconds", "histogram", "Run time of finished jobs.",
+                   [(labels.replace("{", "_bucket{", 1), n) for labels, n in buckets] +
+                   [('_bucket{le="+Inf"}', self.duration_count),
+                    ("_sum", round(self.duration_sum, 6)), ("_count", self.duration_count)])
+            metric("http_received_bytes_total", "counter", "Bytes of request bodies read.",
+                   [("", self.bytes_in)])
+            metric("http_sent_bytes_total", "counter", "Bytes of response bodies sent.",
+                   [("", self.bytes_out)])
+            metric("http_requests_total", "counter", "HTTP requests answered, by status code.",
+                   [(f'{{code="{code}"}}', n) for code, n in sorted(self.requests.items())])
+        return "\n".join(lines) + "\n"
 
 
 # ====================================================================================
@@ -257,6 +371,10 @@ class HeadersTooLarge(JobdError):
 
 class TooManyRequests(JobdError):
     status, code = 429, "too_many_requests"
+
+
+class RangeNotSatisfiable(JobdError):
+    status, code = 416, "range_not_satisfiable"
 
 
 class NotReady(JobdError):
@@ -513,6 +631,7 @@ def last_line(path, limit=300):
 QUEUED, RUNNING, SUCCESS, FAILED, CANCELLED, PARTIAL = (
     "QUEUED", "RUNNING", "SUCCESS", "FAILED", "CANCELLED", "PARTIAL")
 FINISHED = (SUCCESS, FAILED, CANCELLED, PARTIAL)
+STATES = (QUEUED, RUNNING) + FINISHED
 MAX_ATTEMPTS = 2  # a job that was running when jobd died twice is not tried a third time
 
 SCHEMA = [
@@ -524,6 +643,11 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS payloads (
         job_id TEXT NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL,
         PRIMARY KEY (job_id, kind))""",
+    # Completion callbacks still to deliver; written in the same transaction as the end
+    # of the job, so a restart never loses one.
+    """CREATE TABLE IF NOT EXISTS callbacks (
+        job_id TEXT PRIMARY KEY, url TEXT NOT NULL, body BLOB, attempts INTEGER NOT NULL,
+        next_at REAL NOT NULL, give_up_at REAL NOT NULL)""",
 ]
 # Columns are added to an existing table when missing, so a newer jobd opens an older store.
 JOB_COLUMNS = [
@@ -540,12 +664,17 @@ JOB_COLUMNS = [
     ("pgid", "INTEGER"),
     ("slurml", "INTEGER NOT NULL DEFAULT 0"),
     ("slurm_id", "INTEGER NOT NULL DEFAULT 0"),
+    ("timeout", "REAL"),        # seconds, None for no limit
+    ("callback", "TEXT"),       # URL to POST the status object to when the job ends
 ]
 INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
-SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml)
-                VALUES (?, 'QUEUED', ?, ?, ?, ?)"""
+SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
+                                  timeout, callback)
+                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?)"""
+SQL_COUNT_QUEUED = "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'"
+SQL_COUNT_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
 SQL_NEXT_QUEUED = "SELECT id FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
                attempts = attempts + 1, pgid = NULL WHERE id = ? AND status = 'QUEUED'"""
@@ -557,7 +686,15 @@ SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL,
 SQL_RUNNING = "SELECT * FROM jobs WHERE status = 'RUNNING' ORDER BY seq"
 SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_at < ?"""
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
+SQL_LIST = "SELECT * FROM jobs WHERE seq < ? {filter} ORDER BY seq DESC LIMIT ?"
 SQL_ALL_IDS = "SELECT id FROM jobs"
+SQL_ADD_CALLBACK = """INSERT OR REPLACE INTO callbacks (job_id, url, attempts, next_at, give_up_at)
+                      SELECT id, callback, 0, ?, ? FROM jobs
+                      WHERE id = ? AND callback IS NOT NULL"""
+SQL_DUE_CALLBACKS = "SELECT * FROM callbacks WHERE next_at <= ? ORDER BY next_at LIMIT 50"
+SQL_SET_CALLBACK_BODY = "UPDATE callbacks SET body = ? WHERE job_id = ?"
+SQL_RETRY_CALLBACK = "UPDATE callbacks SET attempts = attempts + 1, next_at = ? WHERE job_id = ?"
+SQL_DELETE_CALLBACK = "DELETE FROM callbacks WHERE job_id = ?"
 SQL_PUT_PAYLOAD = "INSERT OR REPLACE INTO payloads (job_id, kind, data) VALUES (?, ?, ?)"
 SQL_GET_PAYLOAD = "SELECT data FROM payloads WHERE job_id = ? AND kind = ?"
 SQL_DELETE_PAYLOADS = "DELETE FROM payloads WHERE job_id = ?"
@@ -584,8 +721,9 @@ class Store:
     a power cut only means the job runs again.
     """
 
-    def __init__(self, db_file, data_dir):
+    def __init__(self, db_file, data_dir, max_queued=None, callback_retry=3600.0):
         self.db_file = db_file
+        self.max_queued, self.callback_retry = max_queued, callback_retry
         self.data_dir = os.path.abspath(data_dir)
         self.state_dir = os.path.join(self.data_dir, ".jobd")
         self.dirs = {name: os.path.join(self.state_dir, name)
@@ -600,6 +738,8 @@ class Store:
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
+        self._trash_added = threading.Event()
+        threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
             db.execute("PRAGMA journal_mode = WAL")
             for statement in SCHEMA:
@@ -691,31 +831,39 @@ class Store:
         return self._open_payload(job_id, "output")
 
     def discard(self, path):
-        """Remove a file or a whole directory; directories are renamed away first, so a
-        process still writing by relative path never writes into a new directory of that name."""
+        """Remove a file or a whole directory. A directory is renamed into the trash at
+        once (so a process still writing by relative path never writes into a new
+        directory of that name) and deleted by a background thread, off the job's path."""
         if os.path.isdir(path) and not os.path.islink(path):
-            doomed = os.path.join(self.dirs["trash"], uuid.uuid4().hex)
             try:
-                os.rename(path, doomed)
+                os.rename(path, os.path.join(self.dirs["trash"], uuid.uuid4().hex))
+                self._trash_added.set()
             except OSError:
-                doomed = path
-            shutil.rmtree(doomed, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def _empty_trash(self):
+        while True:
+            self._trash_added.wait()
+            self._trash_added.clear()
+            for name in os.listdir(self.dirs["trash"]):
+                shutil.rmtree(os.path.join(self.dirs["trash"], name), ignore_errors=True)
+
     # -- the life of a job ---------------------------------------------------------------
 
-    def add(self, job_id, spool, slurml=False):
+    def add(self, job_id, spool, slurml=False, timeout=None, callback=None):
         """Accept a job whose input zip is in `spool`: durable when this returns.
 
-        Raises Conflict when the id exists. The id check and the insert are one
-        transaction, so of racing uploads exactly one wins. Uploads arriving together
+        Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
+        waiting. The checks and the insert are one transaction, so of racing uploads
+        exactly one wins. Uploads arriving together
         share that transaction and its fsync (group commit): the first waiting upload
         leads, commits everyone waiting, wakes them, and hands the lead to the next one.
         """
-        entry = {"id": job_id, "spool": spool, "slurml": int(slurml), "error": None,
-                 "lead": False, "event": threading.Event()}
+        entry = {"id": job_id, "spool": spool, "row": (int(slurml), timeout, callback),
+                 "error": None, "lead": False, "event": threading.Event()}
         if not spool.in_memory:
             spool.durable_file()  # the fsync of a large input happens outside the queue
         with self._queue_lock:
@@ -743,11 +891,18 @@ class Store:
         try:
             moved = False
             with self._write(self._durable) as db:
+                room = self.max_queued - db.execute(SQL_COUNT_QUEUED).fetchone()[0] \
+                    if self.max_queued else len(batch)
                 for entry in batch:
                     job_id, spool = entry["id"], entry["spool"]
                     size = spool.size
+                    if room <= 0:
+                        entry["error"] = TooManyRequests(
+                            f"the queue is full ({self.max_queued} jobs waiting); try again "
+                            "later", **{"Retry-After": "5"})
+                        continue
                     try:
-                        db.execute(SQL_INSERT, (job_id, now, now, size, entry["slurml"]))
+                        db.execute(SQL_INSERT, (job_id, now, now, size) + entry["row"])
                     except sqlite3.IntegrityError:  # the id exists (only this row is undone)
                         entry["error"] = Conflict("job already exists")
                         continue
@@ -757,6 +912,7 @@ class Store:
                         os.replace(spool.path, self.input_zip(job_id))
                         moved = True
                     entry["job"] = db.execute(SQL_GET, (job_id,)).fetchone()
+                    room -= 1
                 if moved:
                     fsync_path(self.dirs["input"], directory=True)
         except Exception as e:
@@ -798,12 +954,60 @@ class Store:
                                              now, now, job_id, was))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
-            return cursor.rowcount == 1
+            if cursor.rowcount == 1:
+                db.execute(SQL_ADD_CALLBACK, (now, now + self.callback_retry, job_id))
+        if cursor.rowcount == 0 and output is not None and not output.in_memory:
+            self.discard(self.output_zip(job_id))  # the job was deleted meanwhile
+        return cursor.rowcount == 1
 
     def requeue(self, job_id, count_attempt):
         """Put a running job back in the queue (jobd is stopping or restarting)."""
         with self._write() as db:
             db.execute(SQL_REQUEUE, (time.time(), 0 if count_attempt else 1, job_id))
+
+    def list_jobs(self, statuses, before, limit):
+        """Jobs newest first, older than sequence number `before`, optionally by status."""
+        where = f"AND status IN ({','.join('?' * len(statuses))})" if statuses else ""
+        with self._db() as db:
+            return db.execute(SQL_LIST.format(filter=where),
+                              (before, *statuses, limit)).fetchall()
+
+    def counts(self):
+        """{status: number of jobs}."""
+        with self._db() as db:
+            return {row["status"]: row["n"] for row in db.execute(SQL_COUNT_BY_STATUS)}
+
+    def check_database(self):
+        """Raise sqlite3.Error if the database cannot be written within 2 seconds."""
+        db = sqlite3.connect(self.db_file, timeout=2, isolation_level=None)
+        try:
+            with self._write(db):
+                db.execute("DELETE FROM meta WHERE key = 'health'")
+        finally:
+            db.close()
+
+    def check_data_dir(self):
+        """Raise OSError if the data directory cannot be written."""
+        probe = os.path.join(self.dirs["tmp"], "health-" + uuid.uuid4().hex)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+
+    def due_callbacks(self, now):
+        with self._db() as db:
+            return db.execute(SQL_DUE_CALLBACKS, (now,)).fetchall()
+
+    def callback_body(self, job_id, body):
+        with self._write() as db:
+            db.execute(SQL_SET_CALLBACK_BODY, (body, job_id))
+
+    def callback_done(self, job_id, retry_at=None):
+        """Forget a delivered (or abandoned) callback, or schedule its next attempt."""
+        with self._write() as db:
+            if retry_at is None:
+                db.execute(SQL_DELETE_CALLBACK, (job_id,))
+            else:
+                db.execute(SQL_RETRY_CALLBACK, (retry_at, job_id))
 
     def running_jobs(self):
         with self._db() as db:
@@ -818,6 +1022,7 @@ class Store:
         with self._write() as db:
             db.execute(SQL_DELETE, (job_id,))
             db.execute(SQL_DELETE_PAYLOADS, (job_id,))
+            db.execute(SQL_DELETE_CALLBACK, (job_id,))
         for path in (self.input_zip(job_id), self.output_zip(job_id), self.job_dir(job_id)):
             self.discard(path)
 
@@ -840,14 +1045,17 @@ class Store:
 # Runner: a fixed pool of worker threads, one subprocess per job
 # ====================================================================================
 
+SECRETS = ("JOBD_TOKEN", "SLURML_API_TOKEN")  # jobd's own; a job has no use for them
+
+
 def job_environment():
-    """The environment jobs run with: the one jobd was started with.
+    """The environment jobs run with: the one jobd was started with, minus its secrets.
 
     A frozen jobd (PyInstaller) points LD_LIBRARY_PATH into its own unpacked bundle;
     a tool started by run.sh would then load jobd's libraries instead of its image's
     and can crash. Restore the original value, or drop it if there was none.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
@@ -857,12 +1065,12 @@ def job_environment():
     return env
 
 
-def run_command(job_dir, env):
-    """argv for run.sh: itself when it has a #! line, else bash (or /bin/sh without bash)."""
+def run_command(job_dir, shell):
+    """argv for run.sh: itself when it has a #! line, else `shell` (bash, or /bin/sh)."""
     with open(os.path.join(job_dir, RUN_SH), "rb") as f:
         if f.read(2) == b"#!":
             return ["./" + RUN_SH]
-    return [shutil.which("bash", path=env.get("PATH", os.defpath)) or "/bin/sh", RUN_SH]
+    return [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
@@ -937,6 +1145,7 @@ class ActiveJob:
         self.proc = None
         self.reason = None       # "cancel", "timeout" or "shutdown" once stopping
         self.kill_at = None      # monotonic time of the SIGKILL that follows SIGTERM
+        self.done = threading.Event()  # set when the worker has recorded the job's end
 
     def attach(self, proc, grace):
         """Remember the started process; stop it at once if a stop came first."""
@@ -963,6 +1172,92 @@ class ActiveJob:
         timer.start()
 
 
+def check_callback_url(url, allowed):
+    """Refuse a callback URL unless it lies under one of the --callback-allow prefixes
+    (same scheme and host:port, path starting with the prefix's path)."""
+    if not allowed:
+        raise BadRequest("completion callbacks are not enabled on this jobd (--callback-allow)")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"callback must be an http(s) URL, not {url!r}")
+    if parts.scheme == "https" and not hasattr(http.client, "HTTPSConnection"):
+        raise BadRequest("this jobd has no TLS support; use an http:// callback")
+    for prefix in allowed:
+        allowed_parts = urlsplit(prefix)
+        if ((parts.scheme, parts.netloc.lower()) ==
+                (allowed_parts.scheme, allowed_parts.netloc.lower())
+                and parts.path.startswith(allowed_parts.path)):
+            return url
+    raise BadRequest(f"callback URL {url!r} is not under an allowed prefix (--callback-allow)")
+
+
+class Callbacks:
+    """Delivers completion callbacks: POSTs a finished job's status object to its URL,
+    signed with the token when one is set, retried with back-off until --callback-retry
+    has passed. It has its own thread, so a slow receiver never holds up a worker, and
+    its queue is in the store, so a callback pending at a stop is sent after the restart."""
+
+    def __init__(self, store, cfg, log):
+        self.store, self.cfg, self.log = store, cfg, log
+        self.wakeup = threading.Event()
+
+    def run(self, stopping):
+        while not stopping.is_set():
+            self.wakeup.wait(1.0)
+            self.wakeup.clear()
+            try:
+                for row in self.store.due_callbacks(time.time()):
+                    if stopping.is_set():
+                        break
+                    self.deliver(row)
+            except Exception:
+                self.log("callback error", level="error", error=traceback.format_exc())
+
+    def deliver(self, row):
+        job_id, body = row["job_id"], row["body"]
+        if body is None:  # built once, so every attempt sends (and signs) the same bytes
+            job = self.store.get(job_id)
+            if job is None:
+                return self.store.callback_done(job_id)
+            body = json.dumps(status_object(job), separators=COMPACT).encode()
+            self.store.callback_body(job_id, body)
+        headers = {"Content-Type": "application/json", "User-Agent": f"jobd/{__version__}",
+                   "X-Jobd-Job": job_id}
+        if self.cfg.token:
+            digest = hmac.new(self.cfg.token.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Jobd-Signature"] = f"sha256={digest}"
+        try:
+            status, error = post(row["url"], body, headers), None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            status, error = None, str(e) or type(e).__name__
+        if status is not None and 200 <= status < 300:
+            self.store.callback_done(job_id)
+            self.log("callback delivered", job=job_id, status=status, attempt=row["attempts"] + 1)
+        elif time.time() >= row["give_up_at"]:
+            self.store.callback_done(job_id)
+            self.log("callback abandoned", level="warning", job=job_id, status=status,
+                     error=error, attempts=row["attempts"] + 1)
+        else:
+            self.store.callback_done(job_id, retry_at=time.time() + min(300, 2 ** row["attempts"]))
+            self.log("callback failed", level="warning", job=job_id, status=status, error=error)
+
+
+def post(url, body, headers, timeout=10):
+    """POST body to url; the response status."""
+    parts = urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                  else http.client.HTTPConnection)
+    conn = connection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     body, headers)
+        response = conn.getresponse()
+        response.read(64 * KiB)
+        return response.status
+    finally:
+        conn.close()
+
+
 class Runner:
     """Runs queued jobs on a fixed pool of worker threads.
 
@@ -971,9 +1266,13 @@ class Runner:
     group and records the result. A failure in one job never stops a worker.
     """
 
-    def __init__(self, store, cfg, log):
-        self.store, self.cfg, self.log = store, cfg, log
+    def __init__(self, store, cfg, log, metrics):
+        self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
+        self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
+        # Scripts without #! run with bash when the system has it: scripts written for
+        # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
+        self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
         self.stopping = threading.Event()
         self.wakeup = threading.Condition()
         self.generation = 0              # bumped by notify(), so no wake-up is ever lost
@@ -989,6 +1288,7 @@ class Runner:
         for number in range(self.cfg.workers):
             self._spawn(self.work, f"worker-{number}")
         self._spawn(self.sweep_loop, "janitor")
+        self._spawn(lambda: self.callbacks.run(self.stopping), "callbacks")
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1040,12 +1340,12 @@ class Runner:
                          error=traceback.format_exc())
             finally:
                 with self.lock:
-                    self.active.pop(job["id"], None)
+                    self.active.pop(job["id"], None).done.set()
 
     def run(self, job, active):
         job_id = job["id"]
         job_dir = self.store.job_dir(job_id)
-        self.log("job", id=job_id, status=RUNNING, attempt=job["attempts"])
+        self.log("job", job=job_id, status=RUNNING, attempt=job["attempts"])
         started = time.monotonic()
         try:
             self.store.discard(job_dir)  # what an interrupted attempt left
@@ -1055,23 +1355,25 @@ class Runner:
                 raise FileNotFoundError("the job's input is missing from the store")
             with source:
                 extract_input_zip(source, job_dir, self.cfg)
-            outcome = self.execute(job_id, job_dir, active)
+            outcome = self.execute(job_id, job_dir, active, job["timeout"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
         if outcome is None:  # jobd is stopping: run it again at the next start
             self.store.requeue(job_id, count_attempt=False)
             self.store.discard(job_dir)
-            self.log("job", id=job_id, status=QUEUED, reason="jobd stopping")
+            self.log("job", job=job_id, status=QUEUED, reason="jobd stopping")
             return
         status, message, exit_code = outcome
         self.finish(job_id, status, message, exit_code)
-        self.log("job", id=job_id, status=status, exit_code=exit_code,
+        self.metrics.job_finished(time.monotonic() - started)
+        self.log("job", job=job_id, status=status, exit_code=exit_code,
                  seconds=round(time.monotonic() - started, 3),
                  message=None if status == SUCCESS else message)
 
-    def execute(self, job_id, job_dir, active):
-        """Run run.sh to its end; (status, message, exit code), or None when jobd stops."""
-        argv = run_command(job_dir, self.env)
+    def execute(self, job_id, job_dir, active, timeout=None):
+        """Run run.sh to its end (or its time limit); (status, message, exit code), or
+        None when jobd stops."""
+        argv = run_command(job_dir, self.shell)
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
             for attempt in range(50):
@@ -1089,12 +1391,21 @@ class Runner:
                     return FAILED, f"could not start run.sh ({what}): {e.strerror}", None
         self.store.set_pgid(job_id, proc.pid)
         active.attach(proc, self.cfg.grace)
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, active.stop, ("timeout", self.cfg.grace))
+            timer.daemon = True
+            timer.start()
         code = proc.wait()
+        if timer is not None:
+            timer.cancel()
         self.end_group(proc.pid, active)
         if active.reason == "shutdown":
             return None
         if active.reason == "cancel":
             return CANCELLED, "job cancelled", None
+        if active.reason == "timeout":
+            return FAILED, f"job timed out after {timeout:g} s and was killed", None
         return describe_exit(code, os.path.join(job_dir, STDERR_FILE))
 
     def end_group(self, pgid, active):
@@ -1122,20 +1433,33 @@ class Runner:
             output.discard()
             if not self.cfg.debug:
                 self.store.discard(job_dir)
+            self.callbacks.wakeup.set()
 
     # -- cancel -----------------------------------------------------------------------
 
-    def cancel(self, job_id):
-        """Cancel a queued or running job; False if it had already finished."""
+    def cancel(self, job_id, wait=0.0):
+        """Cancel a queued or running job, waiting up to `wait` seconds for a running one
+        to end; False if it had already finished (or is not known)."""
+        empty = self.store.spool()
+        empty.write(EMPTY_ZIP)
         with self.lock:
-            if self.finish(job_id, CANCELLED, "job cancelled before it started", was=QUEUED):
-                self.log("job", id=job_id, status=CANCELLED)
+            if self.store.finish(job_id, CANCELLED, "job cancelled before it started",
+                                 output=empty, was=QUEUED):
+                self.callbacks.wakeup.set()
+                self.log("job", job=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
         if active is None:
             return False
         active.stop("cancel", self.cfg.grace)
+        active.done.wait(wait)
         return True
+
+    def delete(self, job_id):
+        """Cancel a job if needed, then remove its record and every file."""
+        self.cancel(job_id, wait=self.cfg.grace + 5)
+        self.store.remove(job_id)
+        self.log("job removed", job=job_id, reason="deleted")
 
     # -- restart and retention ----------------------------------------------------------
 
@@ -1151,10 +1475,10 @@ class Runner:
                 message = (f"job was interrupted {job['attempts']} times "
                            "(jobd stopped while it ran); not run again")
                 self.finish(job_id, FAILED, message)
-                self.log("job", id=job_id, status=FAILED, message=message)
+                self.log("job", job=job_id, status=FAILED, message=message)
             else:
                 self.store.requeue(job_id, count_attempt=True)
-                self.log("job", id=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
+                self.log("job", job=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
                          killed_processes=killed or None)
 
     def sweep_loop(self):
@@ -1169,7 +1493,7 @@ class Runner:
         """Remove finished jobs (record and files) older than the retention period."""
         for job_id in self.store.expired(time.time() - self.cfg.retention):
             self.store.remove(job_id)
-            self.log("job removed", id=job_id, reason="retention")
+            self.log("job removed", job=job_id, reason="retention")
 
 
 # ====================================================================================
@@ -1544,12 +1868,213 @@ def job_object_parts(job):
             '",' + json.dumps(tail, separators=COMPACT)[1:])
 
 
+def status_object(job):
+    """The small status of a job for the resource API: the job object without
+    "Input"/"Output", plus times and sizes."""
+    def moment(value):
+        return rfc3339(value) if value else None
+    return {"LastUpdated": rfc3339(job["updated_at"]), "ID": job["id"], "Status": job["status"],
+            "Path": "", "Message": job["message"], "SlurmID": job["slurm_id"],
+            "Slurml": bool(job["slurml"]), "ExitCode": job["exit_code"],
+            "CreatedAt": moment(job["created_at"]), "StartedAt": moment(job["started_at"]),
+            "FinishedAt": moment(job["finished_at"]), "InputBytes": job["input_bytes"],
+            "OutputBytes": job["output_bytes"]}
+
+
+def parse_range(header, size):
+    """(first, last) byte of a single 'bytes=' range; None to send the whole file."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if not match or match.group(1) == match.group(2) == "":
+        return None  # absent, several ranges or malformed: ignored, as RFC 9110 allows
+    first, last = match.groups()
+    if first == "":
+        first, last = max(0, size - int(last)), size - 1
+        if int(match.group(2)) == 0:
+            first = size
+    else:
+        first, last = int(first), min(int(last), size - 1) if last else size - 1
+        if match.group(2) and int(match.group(2)) < first:
+            return None
+    if first >= size:
+        raise RangeNotSatisfiable(f"range {header!r} is outside the {size} bytes of the output",
+                                  **{"Content-Range": f"bytes */{size}"})
+    return first, last
+
+
+LIST_LIMIT = 1000
 ROUTES = [
     # (path pattern, {method: handler method}); HEAD is served wherever GET is.
     (r"/api/upload", {"POST": "upload"}),
     (r"/api/get/(?P<job_id>[^/]+)", {"GET": "get_job"}),
+    (r"/api/jobs", {"GET": "list_jobs", "POST": "post_job"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)", {"GET": "job_status", "PUT": "put_job",
+                                      "DELETE": "delete_job"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/output", {"GET": "job_output"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/logs/(?P<stream>stdout|stderr)", {"GET": "job_log"}),
+    (r"/api/jobs/(?P<job_id>[^/]+)/cancel", {"POST": "cancel_job"}),
+    (r"/api/openapi\.json", {"GET": "openapi"}),
+    (r"/healthz", {"GET": "healthz"}),
+    (r"/metrics", {"GET": "metrics"}),
 ]
 COMPILED_ROUTES = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
+
+
+def openapi_document():
+    """The OpenAPI 3 description of the API: every route above, with its bodies."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_body(schema):
+        return {"content": {"application/json": {"schema": schema}}}
+
+    def answers(**codes):
+        """{"200": ...}: each code maps to a schema name, a full response, or a description."""
+        result = {}
+        for code, what in codes.items():
+            code = code.lstrip("_")
+            if isinstance(what, dict):
+                result[code] = what
+            elif what in SCHEMAS:
+                result[code] = {"description": what, **json_body(ref(what))}
+            else:
+                result[code] = {"description": what}
+        return result
+
+    def errors(*codes):
+        return {f"_{code}": {"description": HTTPStatus(code).phrase, **json_body(ref("Error"))}
+                for code in (401,) + codes}
+
+    def operation(name, summary, responses, body=None, parameters=()):
+        op = {"operationId": name, "summary": summary, "responses": responses,
+              "parameters": list(parameters)}
+        if body:
+            op["requestBody"] = {"required": True, "content": body}
+        return op
+
+    def created(schema):
+        """A 201 answer, linked to the operations that take the new job's id."""
+        targets = ["getJob", "getStatus", "getOutput", "getLog", "cancelJob", "deleteJob"]
+        return {"description": "accepted", **json_body(ref(schema)),
+                "links": {target: {"operationId": target,
+                                   "parameters": {"id": "$response.body#/ID"}}
+                          for target in targets}}
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "job id: [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"}
+    zip_body = {kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("application/zip", "application/octet-stream")}
+    zip_answer = {"description": "the result zip",
+                  "content": {"application/zip": {"schema": {"type": "string",
+                                                             "format": "binary"}}}}
+    text_answer = {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    job_options = [
+        {"name": "X-Jobd-Timeout", "in": "header", "required": False,
+         "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+         "description": "time limit in seconds (capped by --max-timeout)"},
+        {"name": "X-Jobd-Callback", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
+    paths = {
+        "/api/upload": {"post": operation(
+            "upload", "Submit a job, Go style: the zip as base64 inside JSON",
+            answers(_201=created("Job"), **errors(400, 409, 413, 429)),
+            {"application/json": {"schema": ref("Upload"), "example": {
+                "id": "example", "input": base64.b64encode(EXAMPLE_ZIP).decode()}}})},
+        "/api/get/{id}": {"get": operation(
+            "getJob", "A job with its output (base64 zip), Go style",
+            answers(_200="Job", _206="Job", _202="Error", **errors(404)), None, [job_id])},
+        "/api/jobs": {
+            "get": operation("listJobs", "List jobs, newest first",
+                             answers(_200="JobList", **errors(400)),
+                             None, [
+                                 {"name": "status", "in": "query", "required": False,
+                                  "schema": {"type": "string"},
+                                  "description": "state(s), comma-separated"},
+                                 {"name": "limit", "in": "query", "required": False,
+                                  "schema": {"type": "integer", "minimum": 1,
+                                             "maximum": LIST_LIMIT}},
+                                 {"name": "cursor", "in": "query", "required": False,
+                                  "schema": {"type": "string"}}]),
+            "post": operation("postJob", "Submit a zip; jobd picks the id",
+                              answers(_201=created("Status"), **errors(400, 413, 429)),
+                              zip_body, job_options)},
+        "/api/jobs/{id}": {
+            "get": operation("getStatus", "A job's status", answers(_200="Status", **errors(404)),
+                             None, [job_id]),
+            "put": operation("putJob", "Submit a zip under this id",
+                             answers(_201=created("Status"), **errors(400, 409, 413, 429)),
+                             zip_body, [job_id] + job_options),
+            "delete": operation("deleteJob", "Cancel if needed, then remove the job and its files",
+                                answers(_204="removed", **errors(404)), None, [job_id])},
+        "/api/jobs/{id}/output": {"get": operation(
+            "getOutput", "The result zip (Range, If-Range, If-None-Match honoured)",
+            answers(_200=zip_answer, _206=zip_answer, _202="Status", _304="not modified",
+                    **errors(404, 416)), None, [job_id])},
+        "/api/jobs/{id}/logs/{stream}": {"get": operation(
+            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job ends",
+            answers(_200=text_answer, **errors(404)), None, [
+                job_id, {"name": "stream", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                {"name": "follow", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["0", "1"]}}])},
+        "/api/jobs/{id}/cancel": {"post": operation(
+            "cancelJob", "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
+            [job_id])},
+        "/api/openapi.json": {"get": operation("openapi", "This document", answers(
+            _200={"description": "OpenAPI 3", **json_body({"type": "object"})}, **errors()))},
+        "/healthz": {"get": operation("health", "Health (never behind the token)",
+                                      answers(_200="Health", _503="Health"))},
+        "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
+            _200={"description": "text exposition format",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "jobd", "version": __version__,
+                     "description": "A job daemon: submit a zip holding run.sh, get a zip back."},
+            "paths": paths,
+            "components": {"schemas": SCHEMAS,
+                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"token": []}, {}]}
+
+
+def _example_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("run.sh", "echo hello from jobd\n")
+    return buf.getvalue()
+
+
+EXAMPLE_ZIP = _example_zip()
+
+
+def _object(properties, required=None):
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required}
+
+
+_STRING, _BOOL = {"type": "string"}, {"type": "boolean"}
+_INT, _TIME = {"type": "integer"}, {"type": "string", "format": "date-time"}
+_NULL_INT, _NULL_TIME = dict(_INT, nullable=True), dict(_TIME, nullable=True)
+_STATE = {"type": "string", "enum": list(STATES)}
+SCHEMAS = {
+    "Upload": _object({"id": _STRING, "input": dict(_STRING, format="byte"), "slurml": _BOOL,
+                       "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                       "callback": _STRING}, required=["id", "input"]),
+    "Job": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                    "Input": _STRING, "Output": _STRING, "Message": _STRING, "SlurmID": _INT,
+                    "Slurml": _BOOL, "ExitCode": _NULL_INT}),
+    "Status": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                       "Message": _STRING, "SlurmID": _INT, "Slurml": _BOOL,
+                       "ExitCode": _NULL_INT, "CreatedAt": _NULL_TIME, "StartedAt": _NULL_TIME,
+                       "FinishedAt": _NULL_TIME, "InputBytes": _INT,
+                       "OutputBytes": _NULL_INT}),
+    "JobList": _object({"Jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}},
+                        "Next": dict(_STRING, nullable=True)}),
+    "Error": _object({"error": _STRING, "message": _STRING, "status": _INT}),
+    "Health": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                       "version": _STRING, "uptime_seconds": {"type": "number"},
+                       "queued": _INT, "running": _INT, "data_free_bytes": _NULL_INT,
+                       "database": _STRING, "data_dir": _STRING}),
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1574,7 +2099,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's request parsing, stricter and leaner: HTTP/1.0 and 1.1 only,
         headers through read_headers(). False (after answering) when the request is bad."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self.status, self.body, self.headers = None, None, Headers()
+        self.status, self.body, self.headers, self.sent = None, None, Headers(), 0
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
@@ -1629,6 +2154,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self):
         self.dispatch("OPTIONS")
 
+    def __getattr__(self, name):
+        """Any other method (TRACE, PROPFIND...) is routed too: 405 on a known path."""
+        if name.startswith("do_") and name[3:].isalpha():
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
+
     # -- dispatch ---------------------------------------------------------------------
 
     def dispatch(self, method):
@@ -1636,6 +2167,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         try:
+            self.authorize(url.path)
             name, params = self.route(method, url.path)
             getattr(self, name)(**params)
         except JobdError as e:
@@ -1653,9 +2185,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.finish_body()
+            self.app.metrics.request(self.status, self.body.received if self.body else 0,
+                                     self.sent)
             self.app.log("http", method=method, path=url.path, status=self.status,
                          ms=round((time.monotonic() - started) * 1000, 1),
-                         client=self.client_address[0] if self.client_address else None)
+                         client=self.client_address[0].removeprefix("::ffff:")
+                         if self.client_address else None)
+
+    def authorize(self, path):
+        """With a token configured, /api/ (and /metrics unless public) need the bearer
+        token; compared in constant time."""
+        token = self.app.cfg.token
+        if not token or not (path.startswith("/api/") or path == "/api" or
+                             (path == "/metrics" and not self.app.cfg.metrics_public)):
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+            raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
+                               **{"WWW-Authenticate": "Bearer"})
 
     def route(self, method, path):
         for pattern, methods in COMPILED_ROUTES:
@@ -1694,10 +2242,16 @@ class Handler(BaseHTTPRequestHandler):
     # -- answers ----------------------------------------------------------------------
 
     def send_head(self, status, content_type, length, headers=()):
+        """Status line and headers (not yet sent); a length of None means chunked."""
         self.status = status
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
+        if status not in (204, 304):
+            self.send_header("Content-Type", content_type)
+            if length is None:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(length))
+                self.sent = length
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
@@ -1713,6 +2267,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status, obj, headers=()):
         self.send_bytes(status, json.dumps(obj, separators=COMPACT).encode(), headers=headers)
+
+    def send_file(self, f, first, count):
+        """Copy `count` bytes of f from `first` to the client: by sendfile(2) for a real
+        file (no copy through Python), else in blocks."""
+        try:
+            f.fileno()
+        except (AttributeError, OSError, ValueError):
+            f.seek(first)
+            while count > 0:
+                block = f.read(min(CHUNK, count))
+                if not block:
+                    raise ConnectionError("the file ended early")
+                self.wfile.write(block)
+                count -= len(block)
+            return
+        self.connection.sendfile(f, first, count)
 
     def send_failure(self, error):
         # (http.server's own refusals come before self.body exists, and close anyway)
@@ -1757,13 +2327,34 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
             if slurml:
                 raise BadRequest("slurml jobs are not supported by this jobd")
+            options = self.job_options(fields.get("timeout"), fields.get("callback"))
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
+
+    def job_options(self, timeout, callback):
+        """A job's validated options: its time limit (its own, else the server's default,
+        capped by --max-timeout) and its callback URL."""
+        cfg = self.app.cfg
+        if timeout is not None:
+            if isinstance(timeout, str):
+                try:
+                    timeout = float(timeout)
+                except ValueError:
+                    raise BadRequest(f"timeout must be a number of seconds, not {timeout!r}")
+            if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                    or not 0 < timeout < float("inf")):
+                raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = timeout or cfg.timeout
+        if cfg.max_timeout:
+            timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
+        if callback is not None:
+            check_callback_url(callback, cfg.callback_allow)
+        return {"timeout": timeout, "callback": callback}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -1794,16 +2385,250 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(tail)
 
 
+    # -- the resource API -------------------------------------------------------------
+
+    def known_job(self, job_id):
+        job = self.app.store.get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise NotFound("job not found")
+        return job
+
+    def put_job(self, job_id):
+        """PUT /api/jobs/{id} with the zip as the body -> 201, Location, status object."""
+        check_job_id(job_id)
+        if self.app.store.get(job_id) is not None:
+            raise Conflict("job already exists")  # answered before the body is read
+        self.accept_zip(job_id)
+
+    def post_job(self):
+        """POST /api/jobs with the zip as the body: like PUT, with an id jobd picks."""
+        self.accept_zip(uuid.uuid4().hex)
+
+    def accept_zip(self, job_id):
+        """Stream the body to the store's spool, validate it like /api/upload, store it."""
+        app = self.app
+        options = self.job_options(self.headers.get("X-Jobd-Timeout"),
+                                   self.headers.get("X-Jobd-Callback"))
+        spool = app.store.spool()
+        try:
+            body = self.request_body()
+            while True:
+                chunk = body.read()
+                if not chunk:
+                    break
+                spool.write(chunk)
+            check_input_zip(spool, app.cfg)
+            job = app.store.add(job_id, spool, **options)
+        finally:
+            spool.discard()
+        app.runner.notify()
+        self.send_json(201, status_object(job), headers=[("Location", f"/api/jobs/{job_id}")])
+
+    def job_status(self, job_id):
+        """GET /api/jobs/{id}: the status object (never the output)."""
+        self.send_json(200, status_object(self.known_job(job_id)))
+
+    def list_jobs(self):
+        """GET /api/jobs?status=S&limit=N&cursor=C: newest first, paged by an opaque cursor."""
+        statuses = [part.strip().upper() for value in self.query.get("status", [])
+                    for part in value.split(",") if part.strip()]
+        unknown = [status for status in statuses if status not in STATES]
+        if unknown:
+            raise BadRequest(f"unknown status {unknown[0]!r}; one of {', '.join(STATES)}")
+        try:
+            limit = int(self.query.get("limit", ["50"])[-1])
+            assert 1 <= limit <= LIST_LIMIT
+        except (ValueError, AssertionError):
+            raise BadRequest(f"limit must be a number from 1 to {LIST_LIMIT}") from None
+        before = 2 ** 63 - 1
+        if self.query.get("cursor", [""])[-1]:
+            try:
+                cursor = self.query["cursor"][-1]
+                before = int(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+                             .decode().removeprefix("before:"))
+            except (ValueError, UnicodeDecodeError, binascii.Error):
+                raise BadRequest("invalid cursor") from None
+        rows = self.app.store.list_jobs(statuses, before, limit + 1)
+        following = None
+        if len(rows) > limit:
+            marker = f"before:{rows[limit - 1]['seq']}".encode()
+            following = base64.urlsafe_b64encode(marker).decode().rstrip("=")
+        self.send_json(200, {"Jobs": [status_object(row) for row in rows[:limit]],
+                             "Next": following})
+
+    def job_output(self, job_id):
+        """GET|HEAD /api/jobs/{id}/output: the result zip, streamed; Range and ETag honoured."""
+        job = self.known_job(job_id)
+        if job["status"] not in FINISHED:
+            self.send_json(202, status_object(job), headers=[("Retry-After", "1")])
+            return
+        output, size = self.app.store.open_output(job_id)
+        if output is None:
+            raise NotFound("the job has no output")
+        with output:
+            etag = f'"{job_id}-{int(job["finished_at"] * 1e6)}-{size}"'
+            if etag in self.headers.get("If-None-Match", ""):
+                self.send_bytes(304, b"", headers=[("ETag", etag)])
+                return
+            span = None
+            if self.headers.get("If-Range", etag) == etag:
+                span = parse_range(self.headers.get("Range"), size)
+            first, last = span or (0, size - 1)
+            headers = [("ETag", etag), ("Accept-Ranges", "bytes"),
+                       ("Content-Disposition", f'attachment; filename="{job_id}.zip"')]
+            if span:
+                headers.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+            self.send_head(206 if span else 200, "application/zip", last - first + 1, headers)
+            self.end_headers()
+            if self.command != "HEAD" and size:
+                self.send_file(output, first, last - first + 1)
+
+    def open_log(self, job, name):
+        """(file, size) of a job's stdout/stderr so far: from the job directory while it
+        runs, from the result zip once it has ended; (None, 0) when there is none yet."""
+        if job["status"] == RUNNING:
+            with contextlib.suppress(FileNotFoundError):
+                f = open(os.path.join(self.app.store.job_dir(job["id"]), name), "rb")
+                return f, os.fstat(f.fileno()).st_size
+            job = self.app.store.get(job["id"]) or job  # it may have just ended
+        output, _ = self.app.store.open_output(job["id"])
+        if job["status"] not in FINISHED or output is None:
+            return None, 0
+        try:
+            archive = zipfile.ZipFile(output)
+            entry = archive.getinfo(name)
+            return archive.open(entry), entry.file_size
+        except (zipfile.BadZipFile, KeyError):
+            return None, 0
+
+    def job_log(self, job_id, stream):
+        """GET /api/jobs/{id}/logs/stdout|stderr: the text so far; ?follow=1 streams it
+        (chunked) until the job ends."""
+        job = self.known_job(job_id)
+        name = STDOUT_FILE if stream == "stdout" else STDERR_FILE
+        follow = self.query.get("follow", ["0"])[-1].lower() in ("1", "true", "yes")
+        f, size = self.open_log(job, name) if job["status"] != QUEUED else (None, 0)
+        with f or contextlib.nullcontext():
+            self.send_head(200, "text/plain; charset=utf-8", None if follow else size,
+                           [("Cache-Control", "no-cache")])
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if not follow:
+                if f is not None and size:
+                    self.send_file(f, 0, size)
+                return
+            self.follow_log(job, name, f)
+
+    def follow_log(self, job, name, f):
+        """Send the log as chunks as it grows, until the job has ended and all is sent."""
+        try:
+            while True:
+                if f is None and job["status"] != QUEUED:
+                    f, _ = self.open_log(job, name)
+                data = f.read(64 * KiB) if f is not None else b""
+                if data:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.sent += len(data)
+                    continue
+                if job["status"] in FINISHED or self.client_gone(0.1):
+                    break
+                job = self.app.store.get(job["id"])
+                if job is None:
+                    break  # deleted meanwhile
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            if f is not None:
+                f.close()
+
+    def client_gone(self, wait):
+        """Wait up to `wait` seconds; True if the client has closed its connection."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def cancel_job(self, job_id):
+        """POST /api/jobs/{id}/cancel: a queued job never starts, a running one is stopped."""
+        job = self.known_job(job_id)
+        if job["status"] in FINISHED and job["status"] != CANCELLED:
+            raise Conflict(f"job already finished ({job['status']})")
+        self.app.runner.cancel(job_id, wait=self.app.cfg.grace + 2)
+        self.send_json(200, status_object(self.known_job(job_id)))
+
+    def delete_job(self, job_id):
+        """DELETE /api/jobs/{id}: cancel if needed, then remove the record and every file."""
+        self.known_job(job_id)
+        self.app.runner.delete(job_id)
+        self.send_bytes(204, b"", content_type="text/plain")
+
+
+    # -- operations ---------------------------------------------------------------------
+
+    def healthz(self):
+        """GET /healthz (never behind the token): 200 when the database and the data
+        directory work, else 503; with version, uptime, queue depth and free disk."""
+        app, counts, problems = self.app, {}, {}
+        try:
+            counts = app.store.counts()
+            app.store.check_database()
+        except sqlite3.Error as e:
+            problems["database"] = str(e)
+        try:
+            app.store.check_data_dir()
+            free = shutil.disk_usage(app.store.data_dir).free
+        except OSError as e:
+            problems["data_dir"], free = f"{e.strerror}: {e.filename}", None
+        self.send_json(503 if problems else 200, {
+            "status": "error" if problems else "ok", "version": __version__,
+            "uptime_seconds": round(time.time() - app.started, 3),
+            "queued": counts.get(QUEUED, 0), "running": len(app.runner.active),
+            "data_free_bytes": free, "database": problems.get("database", "ok"),
+            "data_dir": problems.get("data_dir", "ok")})
+
+    def metrics(self):
+        """GET /metrics: Prometheus text exposition."""
+        app = self.app
+        text = app.metrics.render(app.store.counts(), len(app.runner.active),
+                                  time.time() - app.started)
+        self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self):
+        """GET /api/openapi.json: the OpenAPI 3 description of every endpoint."""
+        self.send_json(200, openapi_document())
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024  # 200 clients connecting at once must not be refused
 
     def __init__(self, app):
+        """Listen on cfg.host; "" means every interface, IPv6 and IPv4 (like Go's ":8080"),
+        falling back to IPv4 alone where the system has no IPv6."""
         self.app = app
-        if ":" in app.cfg.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((app.cfg.host, app.cfg.port), Handler)
+        host = app.cfg.host
+        if host == "" and socket.has_ipv6:
+            try:
+                self.address_family, self.dual_stack = socket.AF_INET6, True
+                super().__init__(("::", app.cfg.port), Handler)
+                return
+            except OSError:
+                pass
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.dual_stack = False
+        super().__init__((host or "0.0.0.0", app.cfg.port), Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can hang for seconds
+        # in a container without DNS; jobd never uses it.
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def shutdown_request(self, request):
         """Close gently: read on (briefly) what the client is still sending, so that a
@@ -1827,13 +2652,19 @@ class Server(ThreadingHTTPServer):
 # ====================================================================================
 
 class Jobd:
-    """What one running daemon holds: its settings, log, store and runner."""
+    """What one running daemon holds: its settings, log, metrics, store and runner."""
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
         self.started = time.time()
-        self.store = Store(cfg.db_file, cfg.data)
-        self.runner = Runner(self.store, cfg, log)
+        self.metrics = Metrics()
+        self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry)
+        self.runner = Runner(self.store, cfg, log, self.metrics)
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
 
 
 def serve(cfg):
@@ -1857,6 +2688,10 @@ def serve(cfg):
     app.runner.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    if not cfg.token and not is_loopback(cfg.host):
+        log("no token set (JOBD_TOKEN or --token-file): anyone who can reach this port can "
+            "run jobs", level="warning")
     log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
         data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
     while not stop.wait(3600):
