@@ -186,7 +186,10 @@ def test_default_port_8080_on_all_interfaces(bare, tmp_path):
         pytest.skip("cannot make a network namespace here (unshare --net)")
     server = bare(["--db", str(tmp_path / "j.sqlite3"), "--data", str(tmp_path / "data")],
                   prefix=[unshare, "--net"])
-    assert "listening on http://0.0.0.0:8080" in listening_line(server)
+    line = listening_line(server)
+    # all interfaces: IPv4's 0.0.0.0, or [::] (dual-stack, as Go's ":8080" is)
+    assert ("listening on http://0.0.0.0:8080 " in line
+            or "listening on http://[::]:8080 " in line), line
     assert server.stop() == 0
 
 
