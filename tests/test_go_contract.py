@@ -19,9 +19,17 @@ import zipfile
 
 import pytest
 
-from conftest import make_zip, unzip
+from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JOB_KEYS, JSON_TYPE, RFC3339_UTC, assert_go_error, assert_nothing_stored,
-                     gate_script, raw_connect, raw_zip, upload_body, zip_entry)
+                     gate_script, raw_connect, raw_zip, shared_server, store_state,
+                     upload_body, zip_entry)
+
+
+@pytest.fixture(scope="module", params=IMPLEMENTATIONS)
+def shared(request, tmp_path_factory):
+    """One jobd for this module's tests that leave nothing behind."""
+    yield from shared_server(jobd_command(request.param), tmp_path_factory.mktemp("shared"))
+
 
 TRIVIAL = make_zip({"run.sh": "echo ok\n"})
 
@@ -144,20 +152,22 @@ WRONG_BODIES = {
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_BODIES))
-def test_wrong_json_is_a_go_400(jobd, name):
+def test_wrong_json_is_a_go_400(shared, name):
+    before = store_state(shared)
     body = WRONG_BODIES[name] % base64.b64encode(TRIVIAL).decode()
-    assert_go_error(post(jobd, body), 400, "bad_request")
-    assert_nothing_stored(jobd, "x1")
-    assert jobd.get("x1").status == 404
+    assert_go_error(post(shared, body), 400, "bad_request")
+    assert_nothing_stored(shared, "x1", before=before)
+    assert shared.get("x1").status == 404
 
 
 @pytest.mark.parametrize("body", [
     '{"input": "%s"}', '{"id": "", "input": "%s"}', '{"id": null, "input": "%s"}',
     '{"ID": "", "input": "%s"}', '{}%.0s'])
-def test_missing_or_empty_id_has_the_go_message(jobd, body):
-    resp = post(jobd, body % base64.b64encode(TRIVIAL).decode())
+def test_missing_or_empty_id_has_the_go_message(shared, body):
+    before = store_state(shared)
+    resp = post(shared, body % base64.b64encode(TRIVIAL).decode())
     assert_go_error(resp, 400, "bad_request", "error validating job job id is required")
-    assert_nothing_stored(jobd)
+    assert_nothing_stored(shared, before=before)
 
 
 # ==================================================================================
@@ -230,22 +240,22 @@ REFUSED_INPUTS = {
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_INPUTS))
-def test_unrunnable_input_is_400_and_nothing_is_stored(jobd, name):
-    resp = post(jobd, json.dumps(REFUSED_INPUTS[name]()))
+def test_unrunnable_input_is_400_and_nothing_is_stored(shared, name):
+    before = store_state(shared)
+    resp = post(shared, json.dumps(REFUSED_INPUTS[name]()))
     body = assert_go_error(resp, 400, "bad_request")
     assert body["message"] != "error validating job job id is required"
-    assert_nothing_stored(jobd, "bad")
+    assert_nothing_stored(shared, "bad", before=before)
     assert not os.path.exists(SLIP_OUTSIDE)
-    assert set(os.listdir(jobd.workdir)) <= {"data", "jobd.sqlite3", "jobd.sqlite3-wal",
-                                            "jobd.sqlite3-shm"}
-    # and the daemon is alive and well: the next good upload runs
-    assert jobd.upload("good", {"run.sh": "echo fine\n"}).status == 201
-    assert jobd.output("good")[1]["jobd.stdout"] == b"fine\n"
+    assert set(os.listdir(shared.workdir)) <= {"data", "jobd.sqlite3", "jobd.sqlite3-wal",
+                                              "jobd.sqlite3-shm"}
+    # and the daemon is alive and well
+    assert shared.get("bad").status == 404 and shared.proc.poll() is None
 
 
-def test_messages_say_what_is_wrong(jobd):
+def test_messages_say_what_is_wrong(shared):
     def message(body):
-        return assert_go_error(post(jobd, json.dumps(body)), 400, "bad_request")["message"]
+        return assert_go_error(post(shared, json.dumps(body)), 400, "bad_request")["message"]
 
     assert "input" in message(REFUSED_INPUTS["no-input"]()).lower()
     assert "base64" in message(REFUSED_INPUTS["not-base64"]()).lower()
@@ -258,10 +268,11 @@ def test_messages_say_what_is_wrong(jobd):
 @pytest.mark.parametrize("job_id", ["a/b", "../x", "..", ".", ".hidden", "-dash", "_under",
                                     "a b", "a\\b", "tab\there", "caf\u00e9", "a" * 129,
                                     "new\nline", "semi;colon", "q?x", "pct%2F"])
-def test_bad_ids_are_400_and_nothing_is_stored(jobd, job_id):
-    assert_go_error(jobd.upload(job_id, {"run.sh": "echo x\n"}), 400, "bad_request")
-    assert_nothing_stored(jobd)
-    assert not os.path.exists(jobd.workdir / "x")
+def test_bad_ids_are_400_and_nothing_is_stored(shared, job_id):
+    before = store_state(shared)
+    assert_go_error(shared.upload(job_id, {"run.sh": "echo x\n"}), 400, "bad_request")
+    assert_nothing_stored(shared, before=before)
+    assert not os.path.exists(shared.workdir / "x")
 
 
 @pytest.mark.parametrize("job_id", ["a", "Z9", "a" * 128, "v1.2_3-rc", "0", "A.b-C_d",
@@ -306,8 +317,8 @@ def test_slurml_true_is_not_accepted_silently(jobd):
 # ==================================================================================
 
 @pytest.mark.parametrize("job_id", ["nope", "a" * 200, "..%2F..%2Fetc", "%00", ".jobd"])
-def test_unknown_job_is_404_job_not_found(jobd, job_id):
-    resp = jobd.get(job_id)
+def test_unknown_job_is_404_job_not_found(shared, job_id):
+    resp = shared.get(job_id)
     assert_go_error(resp, 404, "not_found", "job not found")
     assert resp.body == b'{"error":"not_found","message":"job not found","status":404}'
 
@@ -446,10 +457,10 @@ def test_large_input_round_trips_byte_exact(jobd):
     assert files["sums"].split()[0].decode() == hashlib.sha256(blob).hexdigest()
 
 
-def test_default_upload_cap_is_at_least_1_gib(jobd):
+def test_default_upload_cap_is_at_least_1_gib(shared):
     # The orchestrator sends JSON bodies of ~550 MB; ask with Expect: 100-continue and
     # do not send the body: jobd must invite it, not refuse it.
-    with raw_connect(jobd.port) as sock:
+    with raw_connect(shared.port) as sock:
         sock.sendall(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
         sock.settimeout(10)
