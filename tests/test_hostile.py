@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import IMPLEMENTATIONS, jobd_command, make_zip
+from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JSON_TYPE, assert_go_error, assert_nothing_stored, closed_by_peer,
                      shared_server, store_state,
                      raw_connect, raw_exchange, raw_zip, read_response, tree_size, upload_body,
@@ -669,3 +669,27 @@ def test_a_job_signalling_its_process_group_hits_only_itself(jobd):
     assert job["Status"] == "FAILED" and "terminated" in job["Message"].lower(), job["Message"]
     assert jobd.proc.poll() is None
     assert_alive(jobd)
+
+
+def test_file_names_that_are_not_utf8_do_not_wedge_the_job(jobd):
+    # Linux names are bytes; a job may well write one that is not UTF-8.
+    script = "printf x > \"$(printf 'bad\\377name')\"\nmkdir \"$(printf 'dir\\376')\"\necho ok\n"
+    assert jobd.upload("bytesname", {"run.sh": script}).status == 201
+    resp = jobd.wait("bytesname", timeout=15)
+    assert resp.status == 200
+    job = resp.json()
+    files = unzip(base64.b64decode(job["Output"], validate=True))
+    assert files["jobd.stdout"] == b"ok\n"
+    assert job["Status"] == "SUCCESS", job["Message"]
+    assert files["bad\ufffdname"] == b"x"  # kept, its name made readable
+
+
+def test_repeated_input_key_last_one_wins(jobd):
+    small = make_zip({"run.sh": "echo small\n"})
+    large = make_zip({"run.sh": "echo large\n", "pad": os.urandom(400 * 1024)})
+    for job_id, first, last, word in (("s-then-l", small, large, b"large\n"),
+                                      ("l-then-s", large, small, b"small\n")):
+        body = '{"id": "%s", "input": "%s", "INPUT": "%s"}' % (
+            job_id, base64.b64encode(first).decode(), base64.b64encode(last).decode())
+        assert jobd.request("POST", "/api/upload", body).status == 201
+        assert jobd.output(job_id)[1]["jobd.stdout"] == word
