@@ -584,6 +584,24 @@ def test_serving_a_large_output_does_not_grow_memory(jobd):
     assert len(files["big.bin"]) == size
 
 
+def test_receiving_a_large_upload_does_not_grow_memory(jobd):
+    # The orchestrator sends up to ~550 MB of JSON: jobd decodes "input" as it arrives.
+    blob = os.urandom(40 << 20)
+    body = upload_body("bigin", make_zip({"run.sh": "true\n", "blob": blob},
+                                         compression=zipfile.ZIP_STORED)).encode()
+    pid = jobd.proc.pid
+    before = proc_status(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS of jobd here")
+    assert jobd.request("POST", "/api/upload", body).status == 201
+    peak = proc_status(pid, "VmHWM")
+    assert peak - before < 32 << 20, f"jobd grew by {(peak - before) >> 20} MiB receiving it"
+    assert jobd.output("bigin", timeout=60)[1]["blob"] == blob
+
+
 @pytest.mark.parametrize("library_path", [None, "/opt/custom/lib"], ids=["unset", "set"])
 def test_job_environment_is_exactly_jobds_own(make_jobd, library_path):
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
