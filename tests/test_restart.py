@@ -102,13 +102,14 @@ def test_kill_9_leftover_that_left_the_job_directory_is_stopped(make_jobd, tmp_p
     jobd_dead = tmp_path / "jobd-dead"
     script = ATTEMPT + (
         'if [ "$attempt" -eq 1 ]; then\n'
-        f'  (cd /; sleep 1.5; echo stale > "$here/stale.txt"; echo stale >> "{stale_log}") &\n'
+        f'  (cd /; sleep 4; echo stale > "$here/stale.txt"; echo stale >> "{stale_log}") &\n'
         + gate_script(jobd_dead, "  exit 0\n") +
         "fi\n"
         "sleep 2.5\n"
         "echo done > marker.txt\n")
     assert server.upload("detached", {"run.sh": script}).status == 201
     first_pid = wait_lines(shared, "start", 1)[0].split()[1]
+    helper_writes_at = time.monotonic() + 4
     # jobd records the job's process group just after starting it; a crash before that
     # leaves it only the job directory to find leftovers by (a window of a millisecond
     # that this test, killing at once, would otherwise hit now and then)
@@ -122,6 +123,7 @@ def test_kill_9_leftover_that_left_the_job_directory_is_stopped(make_jobd, tmp_p
     assert job["Status"] == "SUCCESS", job["Message"]
     assert "stale.txt" not in files
     assert len(lines(shared, "start")) == 2
+    time.sleep(max(0.0, helper_writes_at + 0.5 - time.monotonic()))
     assert not stale_log.exists(), "the first attempt's helper was still alive"
 
 
