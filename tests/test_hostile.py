@@ -472,8 +472,8 @@ def test_client_that_disconnects_mid_upload_leaves_nothing(jobd):
 
 # (GET / is not here: it is job-orchestrator's ping, {"message": "pong"}; test_orchestrator.py)
 @pytest.mark.parametrize("method,path", [
-    ("GET", "/index.html"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/get"), ("GET", "/api/get/"),
-    ("GET", "/api/get/a/b"), ("GET", "/api/upload/"), ("POST", "/api/uploads"),
+    ("GET", "/index.html"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/get"),
+    ("GET", "/api/get/"), ("GET", "/api/get/a/b"), ("GET", "/api/upload/"), ("POST", "/api/uploads"),
     ("POST", "/upload"), ("GET", "/favicon.ico"), ("GET", "/API/GET/x"), ("DELETE", "/nowhere"),
 ])
 def test_unknown_paths_are_json_404(shared, method, path):
