@@ -598,7 +598,7 @@ def write_result_zip(job_dir, dest, leave_out=()):
                          strict_timestamps=False) as zf:
         for root, folders, files in os.walk(job_dir):
             folders[:] = sorted(d for d in folders if not os.path.islink(os.path.join(root, d)))
-            relative = os.path.relpath(root, job_dir)
+            relative = zip_name(os.path.relpath(root, job_dir))
             if relative != ".":
                 zf.write(root, relative + "/")
             for name in sorted(files):
@@ -610,10 +610,16 @@ def write_result_zip(job_dir, dest, leave_out=()):
                     if not stat.S_ISREG(st.st_mode):
                         continue
                     method, level = compression_for(path, st.st_size)
-                    arcname = name if relative == "." else f"{relative}/{name}"
+                    arcname = zip_name(name if relative == "." else f"{relative}/{name}")
                     zf.write(path, arcname, compress_type=method, compresslevel=level)
                 except OSError:
                     continue  # unreadable or vanished: the rest of the results still count
+
+
+def zip_name(name):
+    """A file name as a zip can hold it: bytes that are not UTF-8 (Linux names are
+    bytes) become U+FFFD; zipfile would raise on them."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 EMPTY_ZIP = b"PK\x05\x06" + b"\0" * 18
@@ -1663,8 +1669,8 @@ class Runner:
             else:
                 output.write(EMPTY_ZIP)
             return self.store.finish(job_id, status, message, exit_code, output, was, slurm_id)
-        except OSError as e:
-            self.log("result zip failed", level="error", job=job_id, error=str(e))
+        except Exception as e:  # whatever it was, the job must not stay RUNNING forever
+            self.log("result zip failed", level="error", job=job_id, error=repr(e))
             return self.store.finish(job_id, status, message, exit_code, None, was, slurm_id)
         finally:
             output.discard()
