@@ -1575,6 +1575,9 @@ class Runner:
             except Exception:
                 self.log("worker error", level="error", job=job["id"],
                          error=traceback.format_exc())
+                with contextlib.suppress(Exception):  # the job must not stay RUNNING
+                    self.finish(job["id"], FAILED,
+                                "internal error in jobd while running the job (see its log)")
             finally:
                 with self.lock:
                     self.active.pop(job["id"], None).done.set()
@@ -2347,8 +2350,11 @@ class RequestBody:
     the cap raises a JobdError; the handler then closes the connection.
     """
 
-    def __init__(self, rfile, headers, limit):
-        self.rfile, self.limit = rfile, limit
+    MIN_RATE = 1 * KiB  # bytes a second, on average, once `timeout` seconds have passed
+
+    def __init__(self, rfile, headers, limit, timeout=60.0):
+        self.rfile, self.limit, self.timeout = rfile, limit, timeout
+        self.started = time.monotonic()
         self.received = 0
         self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         self.left = 0       # bytes left in the body (or in the current chunk)
@@ -2376,11 +2382,14 @@ class RequestBody:
             self._next_chunk()
             if self.done:
                 return b""
-        data = self.rfile.read(min(size, self.left))
+        data = self.rfile.read1(min(size, self.left))  # what has come, so the rate is checked
         if not data:
             raise BadRequest("request body ended early")
         self.left -= len(data)
         self.received += len(data)
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.timeout and self.received < self.MIN_RATE * elapsed:
+            raise RequestTimeout("the request body is arriving too slowly")
         if self.received > self.limit:
             raise PayloadTooLarge(f"request body is larger than the limit of {self.limit} "
                                   "bytes (JOBD_MAX_UPLOAD)")
@@ -3166,12 +3175,34 @@ class Headers(dict):
         return dict.__contains__(self, name.lower())
 
 
-def read_headers(rfile, most=100):
+def read_line(rfile, limit, sock=None, deadline=None):
+    """One line (up to limit+1 bytes), by at most one recv() at a time, so a deadline
+    holds even against a client that sends one byte at a time."""
+    line = b""
+    while len(line) <= limit:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request headers took too long")
+            sock.settimeout(left)
+        data = rfile.peek(1)[: limit + 1 - len(line)]
+        if not data:
+            break
+        end = data.find(b"\n")
+        line += rfile.read(end + 1 if end >= 0 else len(data))
+        if end >= 0:
+            break
+    return line
+
+
+def read_headers(rfile, sock=None, timeout=None, most=100):
     """Read a request's header section (http.server sends it through the email package,
-    which costs a third of the CPU time of a small request)."""
+    which costs a third of the CPU time of a small request). The whole section must come
+    within `timeout` seconds, so a client trickling it in cannot hold a thread forever."""
     headers = Headers()
+    deadline = time.monotonic() + timeout if timeout else None
     for _ in range(most):
-        line = rfile.readline(64 * KiB + 1)
+        line = read_line(rfile, 64 * KiB, sock, deadline)
         if len(line) > 64 * KiB:
             raise HeadersTooLarge("a request header line is too long")
         if line in (b"\r\n", b"\n", b""):
@@ -3508,10 +3539,12 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = words
         try:
-            self.headers = read_headers(self.rfile)
+            self.headers = read_headers(self.rfile, self.connection, self.timeout)
         except JobdError as e:
             self.send_failure(e)
             return False
+        finally:
+            self.connection.settimeout(self.timeout)
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection or
                                  (self.request_version == "HTTP/1.0" and "keep-alive" not in connection))
@@ -3622,7 +3655,8 @@ class Handler(BaseHTTPRequestHandler):
         raise NotFound(f"no such endpoint: {path}")
 
     def request_body(self):
-        self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload)
+        self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload,
+                                self.app.cfg.request_timeout)
         return self.body
 
     def body_read(self):
@@ -3635,7 +3669,8 @@ class Handler(BaseHTTPRequestHandler):
         """Keep the connection only if this request's body has been read to its end."""
         try:
             if self.body is None:
-                self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload)
+                self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload,
+                                        self.app.cfg.request_timeout)
             if not self.body.drain(most=64 * KiB):
                 self.close_connection = True
         except (JobdError, OSError, ValueError):

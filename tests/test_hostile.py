@@ -694,3 +694,59 @@ def test_repeated_input_key_last_one_wins(jobd):
             job_id, base64.b64encode(first).decode(), base64.b64encode(last).decode())
         assert jobd.request("POST", "/api/upload", body).status == 201
         assert jobd.output(job_id)[1]["jobd.stdout"] == word
+
+
+# ==================================================================================
+# Slow clients: a trickle must not hold a thread for ever
+# ==================================================================================
+
+def test_headers_trickled_in_are_cut_off(make_jobd):
+    server = make_jobd(args=["--request-timeout", "2"])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    started = time.monotonic()
+    closed = False
+    for _ in range(40):  # one header byte every 0.25 s: never silent for 2 s
+        try:
+            sock.sendall(b"X")
+            time.sleep(0.25)
+            sock.setblocking(False)
+            if sock.recv(1024) == b"":
+                closed = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+            break
+        finally:
+            sock.setblocking(True)
+    assert closed and time.monotonic() - started < 6
+    sock.close()
+    assert server.request("GET", "/healthz").status == 200
+
+
+def test_a_body_trickled_in_gets_408(make_jobd):
+    server = make_jobd(args=["--request-timeout", "2"])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"PUT /api/jobs/slow HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+    started, answer = time.monotonic(), b""
+    for _ in range(40):  # one byte every 0.25 s: 4 bytes/s, far below 1 KiB/s
+        try:
+            sock.sendall(b"P")
+        except OSError:
+            break
+        time.sleep(0.25)
+        sock.setblocking(False)
+        try:
+            answer += sock.recv(65536)
+        except BlockingIOError:
+            pass
+        finally:
+            sock.setblocking(True)
+        if answer:
+            break
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 6
+    assert server.request("GET", "/api/jobs/slow").status == 404
