@@ -4269,7 +4269,9 @@ def serve(cfg):
             "run jobs", level="warning")
     log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
         data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
-    while not stop.wait(3600):
+    # Wake up often: a signal the kernel delivers to another thread only sets a flag, and
+    # Python runs the handler when the main thread next runs (a long wait would hide it).
+    while not stop.wait(0.2):
         pass
     log("stopping", signal=received[0] if received else None, grace=cfg.grace)
     server.shutdown()
