@@ -2379,6 +2379,9 @@ class ZipPipe:
 
     def write(self, data):
         """zipfile writes the archive here (in the zip thread)."""
+        if not self.pending and len(data) >= CHUNK:
+            self.put(bytes(data))
+            return len(data)
         self.pending += data
         if len(self.pending) >= CHUNK:
             self.put(bytes(self.pending))
@@ -2404,8 +2407,14 @@ class ZipPipe:
                     if size is None:
                         zf.write(path, name)
                         continue
-                    method, level = compression_for(path, size)
-                    zf.write(path, name, compress_type=method, compresslevel=level)
+                    # zf.write() would copy in 8 KiB steps: a third of the CPU time
+                    info = zipfile.ZipInfo.from_file(path, name, strict_timestamps=False)
+                    info.compress_type, level = compression_for(path, size)
+                    # the level travels in the ZipInfo; its attribute is public since 3.13
+                    setattr(info, "compress_level" if hasattr(info, "compress_level")
+                            else "_compresslevel", level)
+                    with open(path, "rb") as src, zf.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
             self.put(bytes(self.pending))
             self.put(None)
         except Exception as e:
@@ -2442,8 +2451,7 @@ class Payload:
             return
         try:
             with zipfile.ZipFile(path) as zf:
-                names = ["/".join(part for part in info.filename.split("/") if part not in ("", "."))
-                         for info in zf.infolist() if not info.is_dir()]
+                names = [re.sub(r"^(\./)+", "", info.filename) for info in zf.infolist()]
         except FileNotFoundError:
             raise ClientError(f"{path}: no such file or folder") from None
         except (zipfile.BadZipFile, OSError) as e:

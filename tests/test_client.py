@@ -119,7 +119,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-# ---- stub servers --------------------------------------------------------------------------
+# ---- stub servers ----------------------------------------------------------------------------
 
 def read_body(handler):
     """A request body, Content-Length or chunked (the client streams folders chunked)."""
@@ -254,7 +254,7 @@ def test_no_arguments_or_serve_still_serve(jobd_command_for_impl, tmp_path):
         bare.wait(30)
 
 
-# ---- submit, wait, results ---------------------------------------------------------------------
+# ---- submit, wait, results -------------------------------------------------------------------
 
 def test_submit_folder_prints_the_id_and_nothing_else(client, jobd, tmp_path):
     folder = job_folder(tmp_path, {"run.sh": "cat data/in.txt > copy.txt\n",
@@ -435,20 +435,26 @@ def test_unauthorized_against_jobd_with_a_token(make_jobd, jobd_command_for_impl
     assert (tmp_path / "out" / "jobd.stdout").read_text() == "ok\n"
 
 
-# ---- logs, ls, rm ---------------------------------------------------------------------------------
+# ---- logs, ls, rm ----------------------------------------------------------------------------
 
 def test_logs_follow_streams_while_the_job_runs(client, jobd, tmp_path):
-    folder = job_folder(tmp_path, {"run.sh": "for i in 1 2 3 4 5; do echo line $i; "
-                                             "echo err $i >&2; sleep 0.3; done\n"})
+    # the job holds after its first line until the test, having seen it, lets it go on
+    folder = job_folder(tmp_path, {"run.sh": "echo line 1; echo err 1 >&2\n"
+                                             "for i in $(seq 300); do [ -e go ] && break; "
+                                             "sleep 0.05; done\n"
+                                             "for i in 2 3 4 5; do echo line $i; "
+                                             "echo err $i >&2; sleep 0.1; done\n"})
     job_id = client.run("submit", folder).stdout.strip()
     follower = client.start("logs", job_id, "-f")
     try:
         assert read_line(follower.stdout) == "line 1\n"
-        assert status(jobd, job_id)["Status"] in ("QUEUED", "RUNNING")
+        assert status(jobd, job_id)["Status"] == "RUNNING"
+        (jobd.data / job_id / "go").touch()
         rest, errors = follower.communicate(timeout=30)
     finally:
         follower.kill()
     assert follower.returncode == 0 and rest == "".join(f"line {i}\n" for i in range(2, 6))
+    assert status(jobd, job_id)["Status"] == "SUCCESS"
     result = client.run("logs", job_id, "--stderr")
     assert result.stdout == "".join(f"err {i}\n" for i in range(1, 6))
     assert client.run("logs", job_id).stdout.count("line") == 5
@@ -485,7 +491,7 @@ def test_rm(client, tmp_path):
     assert client.run("rm", job_id).returncode == EXIT_NOT_FOUND
 
 
-# ---- fetch: resume, overwrite, safety ----------------------------------------------------------
+# ---- fetch: resume, overwrite, safety --------------------------------------------------------
 
 class CuttingProxy:
     """Forwards connections on 127.0.0.1 to jobd, cutting every answer to a GET of a job's
@@ -650,7 +656,7 @@ def test_fetch_never_writes_through_a_link_in_the_folder(stubs, jobd_command_for
         assert list(outside.iterdir()) == []
 
 
-# ---- Ctrl-C while waiting --------------------------------------------------------------------------
+# ---- Ctrl-C while waiting --------------------------------------------------------------------
 
 def start_waiting(client, tmp_path, *flags):
     folder = job_folder(tmp_path, {"run.sh": "sleep 30\n"})
@@ -688,7 +694,7 @@ def test_cancel_on_interrupt(client, jobd, tmp_path):
     assert status(jobd, job_id)["Status"] == "CANCELLED"
 
 
-# ---- terminal or pipe -----------------------------------------------------------------------------
+# ---- terminal or pipe ------------------------------------------------------------------------
 
 def run_in_terminal(client, *args, timeout=60):
     """(exit status, everything written to the terminal) of the client under a pty."""
@@ -713,7 +719,7 @@ def run_in_terminal(client, *args, timeout=60):
 
 
 def test_progress_line_only_on_a_terminal(client, tmp_path):
-    folder = job_folder(tmp_path, {"run.sh": "sleep 1; echo hi > hi.txt\n"})
+    folder = job_folder(tmp_path, {"run.sh": "sleep 2; echo hi > hi.txt\n"})
     (folder / "big.bin").write_bytes(os.urandom(3_000_000))
     code, screen = run_in_terminal(client, "submit", folder, "--wait", "-o", "tty-out")
     assert code == 0, screen
@@ -726,7 +732,7 @@ def test_progress_line_only_on_a_terminal(client, tmp_path):
     assert re.fullmatch(r"[0-9a-f]{32}\n", piped.stdout)
 
 
-# ---- against a server with only the Go API ---------------------------------------------------------
+# ---- against a server with only the Go API ---------------------------------------------------
 
 class GoStub:
     """The Go jobd's wire contract (docs/spec/go-contract.md), nothing more: /api/upload,
