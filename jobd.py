@@ -16,6 +16,8 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
+import hmac
 import http.client
 import io
 import json
@@ -26,6 +28,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import stat
 import subprocess
@@ -89,9 +92,27 @@ def parse_bool(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_seconds(text):
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def parse_log_format(text):
+    if text not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return text
+
+
 class Setting:
-    def __init__(self, name, env, default, parse, help):
+    """One setting: a flag, an environment variable, a default and a parser. `kind` is
+    "value", "switch" (a flag without argument) or "list" (a repeatable flag; in the
+    environment, separated by spaces or commas)."""
+
+    def __init__(self, name, env, default, parse, help, kind="value"):
         self.name, self.env, self.default, self.parse, self.help = name, env, default, parse, help
+        self.kind = kind
 
     @property
     def flag(self):
@@ -99,7 +120,8 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("host", "JOBD_HOST", "0.0.0.0", str, "address to listen on"),
+    Setting("host", "JOBD_HOST", "", str,
+            "address to listen on (default: every interface, IPv6 and IPv4)"),
     Setting("port", "PORT", 8080, parse_port, "TCP port (0 picks a free one)"),
     Setting("db", "DB_PATH", "./db", str,
             "SQLite database file, or an existing directory to hold jobd.sqlite3"),
@@ -110,7 +132,8 @@ SETTINGS = [
             "how long finished jobs are kept (e.g. 2d, 12h)"),
     Setting("grace", "JOBD_GRACE", 10.0, parse_duration,
             "time between SIGTERM and SIGKILL when jobs are stopped"),
-    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run"),
+    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run",
+            kind="switch"),
     Setting("max_upload", "JOBD_MAX_UPLOAD", 2 * GiB, parse_size, "largest request body"),
     Setting("max_unpacked", "JOBD_MAX_UNPACKED", 16 * GiB, parse_size,
             "largest total unpacked size of an input zip"),
@@ -118,14 +141,31 @@ SETTINGS = [
             "most entries in an input zip"),
     Setting("request_timeout", "JOBD_REQUEST_TIMEOUT", 60.0, parse_duration,
             "idle time after which a connection or a stalled upload is dropped"),
-    Setting("log_format", "JOBD_LOG_FORMAT", "text", str, "text or json"),
+    Setting("log_format", "JOBD_LOG_FORMAT", "text", parse_log_format,
+            "text (readable) or json (one object a line)"),
+    Setting("token_file", "JOBD_TOKEN_FILE", None, str,
+            "file holding the API token (instead of JOBD_TOKEN in the environment)"),
+    Setting("metrics_public", "JOBD_METRICS_PUBLIC", False, parse_bool,
+            "serve /metrics without the token", kind="switch"),
+    Setting("timeout", "JOBD_TIMEOUT", None, parse_seconds,
+            "time limit of a job that sets none (default: none)"),
+    Setting("max_timeout", "JOBD_MAX_TIMEOUT", None, parse_seconds,
+            "the longest time limit a job may have"),
+    Setting("max_queued", "JOBD_MAX_QUEUED", None, parse_count,
+            "most jobs waiting; beyond it uploads get 429"),
+    Setting("callback_allow", "JOBD_CALLBACK_ALLOW", (), str,
+            "URL prefix completion callbacks may go to (repeatable)", kind="list"),
+    Setting("callback_retry", "JOBD_CALLBACK_RETRY", 3600.0, parse_seconds,
+            "how long a failing callback is retried"),
 ]
 
 
 class Config:
-    """The validated settings, read once in main() and passed down; never changed after."""
+    """The validated settings, read once in main() and passed down; never changed after.
+    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file."""
 
-    def __init__(self, **values):
+    def __init__(self, token=None, **values):
+        object.__setattr__(self, "token", token)
         for setting in SETTINGS:
             object.__setattr__(self, setting.name, values.get(setting.name, setting.default))
 
@@ -140,7 +180,11 @@ class Config:
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
     for setting in SETTINGS:
-        kind = {"debug": dict(action="store_const", const="true")}.get(setting.name, {})
+        metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
+                   parse_count: "N", parse_port: "PORT"}.get(setting.parse)
+        kind = {"switch": dict(action="store_const", const="true"),
+                "list": dict(action="append", metavar="PREFIX")}.get(
+                    setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
 
@@ -156,12 +200,23 @@ def load_config(args, environ):
         if raw is None:
             continue
         try:
-            values[setting.name] = setting.parse(raw)
+            if setting.kind == "list":
+                items = raw if isinstance(raw, list) else re.split(r"[\s,]+", raw.strip())
+                values[setting.name] = tuple(setting.parse(item) for item in items if item)
+            else:
+                values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise SystemExit(f"jobd: {source}: {e}")
-    if values.get("log_format", "text") not in ("text", "json"):
-        raise SystemExit("jobd: --log-format must be text or json")
-    return Config(**values)
+    token = environ.get("JOBD_TOKEN") or None
+    if values.get("token_file"):
+        try:
+            with open(values["token_file"]) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
+        if not token:
+            raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
+    return Config(token=token, **values)
 
 
 # ====================================================================================
@@ -202,6 +257,63 @@ def rfc3339(timestamp, digits=6):
     seconds = int(timestamp)
     fraction = int((timestamp - seconds) * 10 ** digits)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"
+
+
+class Metrics:
+    """Counters since start, for GET /metrics (Prometheus text format)."""
+
+    BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}                       # HTTP status code -> count
+        self.bytes_in = self.bytes_out = 0
+        self.duration_buckets = [0] * len(self.BUCKETS)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+
+    def request(self, status, received, sent):
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def job_finished(self, seconds):
+        with self.lock:
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    self.duration_buckets[i] += 1
+            self.duration_sum += seconds
+            self.duration_count += 1
+
+    def render(self, counts, running, uptime):
+        """The exposition text; `counts` maps each job state to its number of jobs."""
+        lines = []
+
+        def metric(name, kind, help, samples):
+            lines.extend([f"# HELP jobd_{name} {help}", f"# TYPE jobd_{name} {kind}"])
+            lines.extend(f"jobd_{name}{labels} {value}" for labels, value in samples)
+
+        with self.lock:
+            metric("info", "gauge", "Version of this jobd.", [(f'{{version="{__version__}"}}', 1)])
+            metric("uptime_seconds", "gauge", "Seconds since jobd started.", [("", round(uptime, 3))])
+            metric("jobs", "gauge", "Jobs in the store, by state.",
+                   [(f'{{state="{state}"}}', counts.get(state, 0)) for state in STATES])
+            metric("queue_depth", "gauge", "Jobs waiting to run.", [("", counts.get(QUEUED, 0))])
+            metric("running_jobs", "gauge", "Jobs running now.", [("", running)])
+            buckets = [(f'{{le="{bound:g}"}}', n)
+                       for bound, n in zip(self.BUCKETS, self.duration_buckets)]
+            metric("job_duration_seconds", "histogram", "Run time of finished jobs.",
+                   [(labels.replace("{", "_bucket{", 1), n) for labels, n in buckets] +
+                   [('_bucket{le="+Inf"}', self.duration_count),
+                    ("_sum", round(self.duration_sum, 6)), ("_count", self.duration_count)])
+            metric("http_received_bytes_total", "counter", "Bytes of request bodies read.",
+                   [("", self.bytes_in)])
+            metric("http_sent_bytes_total", "counter", "Bytes of response bodies sent.",
+                   [("", self.bytes_out)])
+            metric("http_requests_total", "counter", "HTTP requests answered, by status code.",
+                   [(f'{{code="{code}"}}', n) for code, n in sorted(self.requests.items())])
+        return "\n".join(lines) + "\n"
 
 
 # ====================================================================================
@@ -528,6 +640,11 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS payloads (
         job_id TEXT NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL,
         PRIMARY KEY (job_id, kind))""",
+    # Completion callbacks still to deliver; written in the same transaction as the end
+    # of the job, so a restart never loses one.
+    """CREATE TABLE IF NOT EXISTS callbacks (
+        job_id TEXT PRIMARY KEY, url TEXT NOT NULL, body BLOB, attempts INTEGER NOT NULL,
+        next_at REAL NOT NULL, give_up_at REAL NOT NULL)""",
 ]
 # Columns are added to an existing table when missing, so a newer jobd opens an older store.
 JOB_COLUMNS = [
@@ -544,12 +661,17 @@ JOB_COLUMNS = [
     ("pgid", "INTEGER"),
     ("slurml", "INTEGER NOT NULL DEFAULT 0"),
     ("slurm_id", "INTEGER NOT NULL DEFAULT 0"),
+    ("timeout", "REAL"),        # seconds, None for no limit
+    ("callback", "TEXT"),       # URL to POST the status object to when the job ends
 ]
 INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
-SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml)
-                VALUES (?, 'QUEUED', ?, ?, ?, ?)"""
+SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
+                                  timeout, callback)
+                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?)"""
+SQL_COUNT_QUEUED = "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'"
+SQL_COUNT_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
 SQL_NEXT_QUEUED = "SELECT id FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
                attempts = attempts + 1, pgid = NULL WHERE id = ? AND status = 'QUEUED'"""
@@ -563,6 +685,13 @@ SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
 SQL_LIST = "SELECT * FROM jobs WHERE seq < ? {filter} ORDER BY seq DESC LIMIT ?"
 SQL_ALL_IDS = "SELECT id FROM jobs"
+SQL_ADD_CALLBACK = """INSERT OR REPLACE INTO callbacks (job_id, url, attempts, next_at, give_up_at)
+                      SELECT id, callback, 0, ?, ? FROM jobs
+                      WHERE id = ? AND callback IS NOT NULL"""
+SQL_DUE_CALLBACKS = "SELECT * FROM callbacks WHERE next_at <= ? ORDER BY next_at LIMIT 50"
+SQL_SET_CALLBACK_BODY = "UPDATE callbacks SET body = ? WHERE job_id = ?"
+SQL_RETRY_CALLBACK = "UPDATE callbacks SET attempts = attempts + 1, next_at = ? WHERE job_id = ?"
+SQL_DELETE_CALLBACK = "DELETE FROM callbacks WHERE job_id = ?"
 SQL_PUT_PAYLOAD = "INSERT OR REPLACE INTO payloads (job_id, kind, data) VALUES (?, ?, ?)"
 SQL_GET_PAYLOAD = "SELECT data FROM payloads WHERE job_id = ? AND kind = ?"
 SQL_DELETE_PAYLOADS = "DELETE FROM payloads WHERE job_id = ?"
@@ -589,8 +718,9 @@ class Store:
     a power cut only means the job runs again.
     """
 
-    def __init__(self, db_file, data_dir):
+    def __init__(self, db_file, data_dir, max_queued=None, callback_retry=3600.0):
         self.db_file = db_file
+        self.max_queued, self.callback_retry = max_queued, callback_retry
         self.data_dir = os.path.abspath(data_dir)
         self.state_dir = os.path.join(self.data_dir, ".jobd")
         self.dirs = {name: os.path.join(self.state_dir, name)
@@ -720,16 +850,17 @@ class Store:
 
     # -- the life of a job ---------------------------------------------------------------
 
-    def add(self, job_id, spool, slurml=False):
+    def add(self, job_id, spool, slurml=False, timeout=None, callback=None):
         """Accept a job whose input zip is in `spool`: durable when this returns.
 
-        Raises Conflict when the id exists. The id check and the insert are one
-        transaction, so of racing uploads exactly one wins. Uploads arriving together
+        Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
+        waiting. The checks and the insert are one transaction, so of racing uploads
+        exactly one wins. Uploads arriving together
         share that transaction and its fsync (group commit): the first waiting upload
         leads, commits everyone waiting, wakes them, and hands the lead to the next one.
         """
-        entry = {"id": job_id, "spool": spool, "slurml": int(slurml), "error": None,
-                 "lead": False, "event": threading.Event()}
+        entry = {"id": job_id, "spool": spool, "row": (int(slurml), timeout, callback),
+                 "error": None, "lead": False, "event": threading.Event()}
         if not spool.in_memory:
             spool.durable_file()  # the fsync of a large input happens outside the queue
         with self._queue_lock:
@@ -757,11 +888,18 @@ class Store:
         try:
             moved = False
             with self._write(self._durable) as db:
+                room = self.max_queued - db.execute(SQL_COUNT_QUEUED).fetchone()[0] \
+                    if self.max_queued else len(batch)
                 for entry in batch:
                     job_id, spool = entry["id"], entry["spool"]
                     size = spool.size
+                    if room <= 0:
+                        entry["error"] = TooManyRequests(
+                            f"the queue is full ({self.max_queued} jobs waiting); try again "
+                            "later", **{"Retry-After": "5"})
+                        continue
                     try:
-                        db.execute(SQL_INSERT, (job_id, now, now, size, entry["slurml"]))
+                        db.execute(SQL_INSERT, (job_id, now, now, size) + entry["row"])
                     except sqlite3.IntegrityError:  # the id exists (only this row is undone)
                         entry["error"] = Conflict("job already exists")
                         continue
@@ -771,6 +909,7 @@ class Store:
                         os.replace(spool.path, self.input_zip(job_id))
                         moved = True
                     entry["job"] = db.execute(SQL_GET, (job_id,)).fetchone()
+                    room -= 1
                 if moved:
                     fsync_path(self.dirs["input"], directory=True)
         except Exception as e:
@@ -812,6 +951,8 @@ class Store:
                                              now, now, job_id, was))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
+            if cursor.rowcount == 1:
+                db.execute(SQL_ADD_CALLBACK, (now, now + self.callback_retry, job_id))
         if cursor.rowcount == 0 and output is not None and not output.in_memory:
             self.discard(self.output_zip(job_id))  # the job was deleted meanwhile
         return cursor.rowcount == 1
@@ -828,6 +969,43 @@ class Store:
             return db.execute(SQL_LIST.format(filter=where),
                               (before, *statuses, limit)).fetchall()
 
+    def counts(self):
+        """{status: number of jobs}."""
+        with self._db() as db:
+            return {row["status"]: row["n"] for row in db.execute(SQL_COUNT_BY_STATUS)}
+
+    def check_database(self):
+        """Raise sqlite3.Error if the database cannot be written within 2 seconds."""
+        db = sqlite3.connect(self.db_file, timeout=2, isolation_level=None)
+        try:
+            with self._write(db):
+                db.execute("DELETE FROM meta WHERE key = 'health'")
+        finally:
+            db.close()
+
+    def check_data_dir(self):
+        """Raise OSError if the data directory cannot be written."""
+        probe = os.path.join(self.dirs["tmp"], "health-" + uuid.uuid4().hex)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+
+    def due_callbacks(self, now):
+        with self._db() as db:
+            return db.execute(SQL_DUE_CALLBACKS, (now,)).fetchall()
+
+    def callback_body(self, job_id, body):
+        with self._write() as db:
+            db.execute(SQL_SET_CALLBACK_BODY, (body, job_id))
+
+    def callback_done(self, job_id, retry_at=None):
+        """Forget a delivered (or abandoned) callback, or schedule its next attempt."""
+        with self._write() as db:
+            if retry_at is None:
+                db.execute(SQL_DELETE_CALLBACK, (job_id,))
+            else:
+                db.execute(SQL_RETRY_CALLBACK, (retry_at, job_id))
+
     def running_jobs(self):
         with self._db() as db:
             return db.execute(SQL_RUNNING).fetchall()
@@ -841,6 +1019,7 @@ class Store:
         with self._write() as db:
             db.execute(SQL_DELETE, (job_id,))
             db.execute(SQL_DELETE_PAYLOADS, (job_id,))
+            db.execute(SQL_DELETE_CALLBACK, (job_id,))
         for path in (self.input_zip(job_id), self.output_zip(job_id), self.job_dir(job_id)):
             self.discard(path)
 
@@ -863,14 +1042,17 @@ class Store:
 # Runner: a fixed pool of worker threads, one subprocess per job
 # ====================================================================================
 
+SECRETS = ("JOBD_TOKEN", "SLURML_API_TOKEN")  # jobd's own; a job has no use for them
+
+
 def job_environment():
-    """The environment jobs run with: the one jobd was started with.
+    """The environment jobs run with: the one jobd was started with, minus its secrets.
 
     A frozen jobd (PyInstaller) points LD_LIBRARY_PATH into its own unpacked bundle;
     a tool started by run.sh would then load jobd's libraries instead of its image's
     and can crash. Restore the original value, or drop it if there was none.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
@@ -978,6 +1160,92 @@ class ActiveJob:
         timer.start()
 
 
+def check_callback_url(url, allowed):
+    """Refuse a callback URL unless it lies under one of the --callback-allow prefixes
+    (same scheme and host:port, path starting with the prefix's path)."""
+    if not allowed:
+        raise BadRequest("completion callbacks are not enabled on this jobd (--callback-allow)")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"callback must be an http(s) URL, not {url!r}")
+    if parts.scheme == "https" and not hasattr(http.client, "HTTPSConnection"):
+        raise BadRequest("this jobd has no TLS support; use an http:// callback")
+    for prefix in allowed:
+        allowed_parts = urlsplit(prefix)
+        if ((parts.scheme, parts.netloc.lower()) ==
+                (allowed_parts.scheme, allowed_parts.netloc.lower())
+                and parts.path.startswith(allowed_parts.path)):
+            return url
+    raise BadRequest(f"callback URL {url!r} is not under an allowed prefix (--callback-allow)")
+
+
+class Callbacks:
+    """Delivers completion callbacks: POSTs a finished job's status object to its URL,
+    signed with the token when one is set, retried with back-off until --callback-retry
+    has passed. It has its own thread, so a slow receiver never holds up a worker, and
+    its queue is in the store, so a callback pending at a stop is sent after the restart."""
+
+    def __init__(self, store, cfg, log):
+        self.store, self.cfg, self.log = store, cfg, log
+        self.wakeup = threading.Event()
+
+    def run(self, stopping):
+        while not stopping.is_set():
+            self.wakeup.wait(1.0)
+            self.wakeup.clear()
+            try:
+                for row in self.store.due_callbacks(time.time()):
+                    if stopping.is_set():
+                        break
+                    self.deliver(row)
+            except Exception:
+                self.log("callback error", level="error", error=traceback.format_exc())
+
+    def deliver(self, row):
+        job_id, body = row["job_id"], row["body"]
+        if body is None:  # built once, so every attempt sends (and signs) the same bytes
+            job = self.store.get(job_id)
+            if job is None:
+                return self.store.callback_done(job_id)
+            body = json.dumps(status_object(job), separators=COMPACT).encode()
+            self.store.callback_body(job_id, body)
+        headers = {"Content-Type": "application/json", "User-Agent": f"jobd/{__version__}",
+                   "X-Jobd-Job": job_id}
+        if self.cfg.token:
+            digest = hmac.new(self.cfg.token.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Jobd-Signature"] = f"sha256={digest}"
+        try:
+            status, error = post(row["url"], body, headers), None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            status, error = None, str(e) or type(e).__name__
+        if status is not None and 200 <= status < 300:
+            self.store.callback_done(job_id)
+            self.log("callback delivered", job=job_id, status=status, attempt=row["attempts"] + 1)
+        elif time.time() >= row["give_up_at"]:
+            self.store.callback_done(job_id)
+            self.log("callback abandoned", level="warning", job=job_id, status=status,
+                     error=error, attempts=row["attempts"] + 1)
+        else:
+            self.store.callback_done(job_id, retry_at=time.time() + min(300, 2 ** row["attempts"]))
+            self.log("callback failed", level="warning", job=job_id, status=status, error=error)
+
+
+def post(url, body, headers, timeout=10):
+    """POST body to url; the response status."""
+    parts = urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                  else http.client.HTTPConnection)
+    conn = connection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     body, headers)
+        response = conn.getresponse()
+        response.read(64 * KiB)
+        return response.status
+    finally:
+        conn.close()
+
+
 class Runner:
     """Runs queued jobs on a fixed pool of worker threads.
 
@@ -986,8 +1254,9 @@ class Runner:
     group and records the result. A failure in one job never stops a worker.
     """
 
-    def __init__(self, store, cfg, log):
-        self.store, self.cfg, self.log = store, cfg, log
+    def __init__(self, store, cfg, log, metrics):
+        self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
+        self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
         # Scripts without #! run with bash when the system has it: scripts written for
         # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
@@ -1007,6 +1276,7 @@ class Runner:
         for number in range(self.cfg.workers):
             self._spawn(self.work, f"worker-{number}")
         self._spawn(self.sweep_loop, "janitor")
+        self._spawn(lambda: self.callbacks.run(self.stopping), "callbacks")
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1063,7 +1333,7 @@ class Runner:
     def run(self, job, active):
         job_id = job["id"]
         job_dir = self.store.job_dir(job_id)
-        self.log("job", id=job_id, status=RUNNING, attempt=job["attempts"])
+        self.log("job", job=job_id, status=RUNNING, attempt=job["attempts"])
         started = time.monotonic()
         try:
             self.store.discard(job_dir)  # what an interrupted attempt left
@@ -1073,22 +1343,24 @@ class Runner:
                 raise FileNotFoundError("the job's input is missing from the store")
             with source:
                 extract_input_zip(source, job_dir, self.cfg)
-            outcome = self.execute(job_id, job_dir, active)
+            outcome = self.execute(job_id, job_dir, active, job["timeout"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
         if outcome is None:  # jobd is stopping: run it again at the next start
             self.store.requeue(job_id, count_attempt=False)
             self.store.discard(job_dir)
-            self.log("job", id=job_id, status=QUEUED, reason="jobd stopping")
+            self.log("job", job=job_id, status=QUEUED, reason="jobd stopping")
             return
         status, message, exit_code = outcome
         self.finish(job_id, status, message, exit_code)
-        self.log("job", id=job_id, status=status, exit_code=exit_code,
+        self.metrics.job_finished(time.monotonic() - started)
+        self.log("job", job=job_id, status=status, exit_code=exit_code,
                  seconds=round(time.monotonic() - started, 3),
                  message=None if status == SUCCESS else message)
 
-    def execute(self, job_id, job_dir, active):
-        """Run run.sh to its end; (status, message, exit code), or None when jobd stops."""
+    def execute(self, job_id, job_dir, active, timeout=None):
+        """Run run.sh to its end (or its time limit); (status, message, exit code), or
+        None when jobd stops."""
         argv = run_command(job_dir, self.shell)
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
@@ -1107,12 +1379,21 @@ class Runner:
                     return FAILED, f"could not start run.sh ({what}): {e.strerror}", None
         self.store.set_pgid(job_id, proc.pid)
         active.attach(proc, self.cfg.grace)
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, active.stop, ("timeout", self.cfg.grace))
+            timer.daemon = True
+            timer.start()
         code = proc.wait()
+        if timer is not None:
+            timer.cancel()
         self.end_group(proc.pid, active)
         if active.reason == "shutdown":
             return None
         if active.reason == "cancel":
             return CANCELLED, "job cancelled", None
+        if active.reason == "timeout":
+            return FAILED, f"job timed out after {timeout:g} s and was killed", None
         return describe_exit(code, os.path.join(job_dir, STDERR_FILE))
 
     def end_group(self, pgid, active):
@@ -1140,6 +1421,7 @@ class Runner:
             output.discard()
             if not self.cfg.debug:
                 self.store.discard(job_dir)
+            self.callbacks.wakeup.set()
 
     # -- cancel -----------------------------------------------------------------------
 
@@ -1151,7 +1433,8 @@ class Runner:
         with self.lock:
             if self.store.finish(job_id, CANCELLED, "job cancelled before it started",
                                  output=empty, was=QUEUED):
-                self.log("job", id=job_id, status=CANCELLED)
+                self.callbacks.wakeup.set()
+                self.log("job", job=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
         if active is None:
@@ -1164,7 +1447,7 @@ class Runner:
         """Cancel a job if needed, then remove its record and every file."""
         self.cancel(job_id, wait=self.cfg.grace + 5)
         self.store.remove(job_id)
-        self.log("job removed", id=job_id, reason="deleted")
+        self.log("job removed", job=job_id, reason="deleted")
 
     # -- restart and retention ----------------------------------------------------------
 
@@ -1180,10 +1463,10 @@ class Runner:
                 message = (f"job was interrupted {job['attempts']} times "
                            "(jobd stopped while it ran); not run again")
                 self.finish(job_id, FAILED, message)
-                self.log("job", id=job_id, status=FAILED, message=message)
+                self.log("job", job=job_id, status=FAILED, message=message)
             else:
                 self.store.requeue(job_id, count_attempt=True)
-                self.log("job", id=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
+                self.log("job", job=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
                          killed_processes=killed or None)
 
     def sweep_loop(self):
@@ -1198,7 +1481,7 @@ class Runner:
         """Remove finished jobs (record and files) older than the retention period."""
         for job_id in self.store.expired(time.time() - self.cfg.retention):
             self.store.remove(job_id)
-            self.log("job removed", id=job_id, reason="retention")
+            self.log("job removed", job=job_id, reason="retention")
 
 
 # ====================================================================================
@@ -1617,8 +1900,169 @@ ROUTES = [
     (r"/api/jobs/(?P<job_id>[^/]+)/output", {"GET": "job_output"}),
     (r"/api/jobs/(?P<job_id>[^/]+)/logs/(?P<stream>stdout|stderr)", {"GET": "job_log"}),
     (r"/api/jobs/(?P<job_id>[^/]+)/cancel", {"POST": "cancel_job"}),
+    (r"/api/openapi\.json", {"GET": "openapi"}),
+    (r"/healthz", {"GET": "healthz"}),
+    (r"/metrics", {"GET": "metrics"}),
 ]
 COMPILED_ROUTES = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
+
+
+def openapi_document():
+    """The OpenAPI 3 description of the API: every route above, with its bodies."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_body(schema):
+        return {"content": {"application/json": {"schema": schema}}}
+
+    def answers(**codes):
+        """{"200": ...}: each code maps to a schema name, a full response, or a description."""
+        result = {}
+        for code, what in codes.items():
+            code = code.lstrip("_")
+            if isinstance(what, dict):
+                result[code] = what
+            elif what in SCHEMAS:
+                result[code] = {"description": what, **json_body(ref(what))}
+            else:
+                result[code] = {"description": what}
+        return result
+
+    def errors(*codes):
+        return {f"_{code}": {"description": HTTPStatus(code).phrase, **json_body(ref("Error"))}
+                for code in (401,) + codes}
+
+    def operation(name, summary, responses, body=None, parameters=()):
+        op = {"operationId": name, "summary": summary, "responses": responses,
+              "parameters": list(parameters)}
+        if body:
+            op["requestBody"] = {"required": True, "content": body}
+        return op
+
+    def created(schema):
+        """A 201 answer, linked to the operations that take the new job's id."""
+        targets = ["getJob", "getStatus", "getOutput", "getLog", "cancelJob", "deleteJob"]
+        return {"description": "accepted", **json_body(ref(schema)),
+                "links": {target: {"operationId": target,
+                                   "parameters": {"id": "$response.body#/ID"}}
+                          for target in targets}}
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "job id: [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"}
+    zip_body = {kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("application/zip", "application/octet-stream")}
+    zip_answer = {"description": "the result zip",
+                  "content": {"application/zip": {"schema": {"type": "string",
+                                                             "format": "binary"}}}}
+    text_answer = {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    job_options = [
+        {"name": "X-Jobd-Timeout", "in": "header", "required": False,
+         "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+         "description": "time limit in seconds (capped by --max-timeout)"},
+        {"name": "X-Jobd-Callback", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
+    paths = {
+        "/api/upload": {"post": operation(
+            "upload", "Submit a job, Go style: the zip as base64 inside JSON",
+            answers(_201=created("Job"), **errors(400, 409, 413, 429)),
+            {"application/json": {"schema": ref("Upload"), "example": {
+                "id": "example", "input": base64.b64encode(EXAMPLE_ZIP).decode()}}})},
+        "/api/get/{id}": {"get": operation(
+            "getJob", "A job with its output (base64 zip), Go style",
+            answers(_200="Job", _206="Job", _202="Error", **errors(404)), None, [job_id])},
+        "/api/jobs": {
+            "get": operation("listJobs", "List jobs, newest first",
+                             answers(_200="JobList", **errors(400)),
+                             None, [
+                                 {"name": "status", "in": "query", "required": False,
+                                  "schema": {"type": "string"},
+                                  "description": "state(s), comma-separated"},
+                                 {"name": "limit", "in": "query", "required": False,
+                                  "schema": {"type": "integer", "minimum": 1,
+                                             "maximum": LIST_LIMIT}},
+                                 {"name": "cursor", "in": "query", "required": False,
+                                  "schema": {"type": "string"}}]),
+            "post": operation("postJob", "Submit a zip; jobd picks the id",
+                              answers(_201=created("Status"), **errors(400, 413, 429)),
+                              zip_body, job_options)},
+        "/api/jobs/{id}": {
+            "get": operation("getStatus", "A job's status", answers(_200="Status", **errors(404)),
+                             None, [job_id]),
+            "put": operation("putJob", "Submit a zip under this id",
+                             answers(_201=created("Status"), **errors(400, 409, 413, 429)),
+                             zip_body, [job_id] + job_options),
+            "delete": operation("deleteJob", "Cancel if needed, then remove the job and its files",
+                                answers(_204="removed", **errors(404)), None, [job_id])},
+        "/api/jobs/{id}/output": {"get": operation(
+            "getOutput", "The result zip (Range, If-Range, If-None-Match honoured)",
+            answers(_200=zip_answer, _206=zip_answer, _202="Status", _304="not modified",
+                    **errors(404, 416)), None, [job_id])},
+        "/api/jobs/{id}/logs/{stream}": {"get": operation(
+            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job ends",
+            answers(_200=text_answer, **errors(404)), None, [
+                job_id, {"name": "stream", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                {"name": "follow", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["0", "1"]}}])},
+        "/api/jobs/{id}/cancel": {"post": operation(
+            "cancelJob", "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
+            [job_id])},
+        "/api/openapi.json": {"get": operation("openapi", "This document", answers(
+            _200={"description": "OpenAPI 3", **json_body({"type": "object"})}, **errors()))},
+        "/healthz": {"get": operation("health", "Health (never behind the token)",
+                                      answers(_200="Health", _503="Health"))},
+        "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
+            _200={"description": "text exposition format",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "jobd", "version": __version__,
+                     "description": "A job daemon: submit a zip holding run.sh, get a zip back."},
+            "paths": paths,
+            "components": {"schemas": SCHEMAS,
+                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"token": []}, {}]}
+
+
+def _example_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("run.sh", "echo hello from jobd\n")
+    return buf.getvalue()
+
+
+EXAMPLE_ZIP = _example_zip()
+
+
+def _object(properties, required=None):
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required}
+
+
+_STRING, _BOOL = {"type": "string"}, {"type": "boolean"}
+_INT, _TIME = {"type": "integer"}, {"type": "string", "format": "date-time"}
+_NULL_INT, _NULL_TIME = dict(_INT, nullable=True), dict(_TIME, nullable=True)
+_STATE = {"type": "string", "enum": list(STATES)}
+SCHEMAS = {
+    "Upload": _object({"id": _STRING, "input": dict(_STRING, format="byte"), "slurml": _BOOL,
+                       "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                       "callback": _STRING}, required=["id", "input"]),
+    "Job": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                    "Input": _STRING, "Output": _STRING, "Message": _STRING, "SlurmID": _INT,
+                    "Slurml": _BOOL, "ExitCode": _NULL_INT}),
+    "Status": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                       "Message": _STRING, "SlurmID": _INT, "Slurml": _BOOL,
+                       "ExitCode": _NULL_INT, "CreatedAt": _NULL_TIME, "StartedAt": _NULL_TIME,
+                       "FinishedAt": _NULL_TIME, "InputBytes": _INT,
+                       "OutputBytes": _NULL_INT}),
+    "JobList": _object({"Jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}},
+                        "Next": dict(_STRING, nullable=True)}),
+    "Error": _object({"error": _STRING, "message": _STRING, "status": _INT}),
+    "Health": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                       "version": _STRING, "uptime_seconds": {"type": "number"},
+                       "queued": _INT, "running": _INT, "data_free_bytes": _NULL_INT,
+                       "database": _STRING, "data_dir": _STRING}),
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1643,7 +2087,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's request parsing, stricter and leaner: HTTP/1.0 and 1.1 only,
         headers through read_headers(). False (after answering) when the request is bad."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self.status, self.body, self.headers = None, None, Headers()
+        self.status, self.body, self.headers, self.sent = None, None, Headers(), 0
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
@@ -1698,6 +2142,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self):
         self.dispatch("OPTIONS")
 
+    def __getattr__(self, name):
+        """Any other method (TRACE, PROPFIND...) is routed too: 405 on a known path."""
+        if name.startswith("do_") and name[3:].isalpha():
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
+
     # -- dispatch ---------------------------------------------------------------------
 
     def dispatch(self, method):
@@ -1705,6 +2155,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         try:
+            self.authorize(url.path)
             name, params = self.route(method, url.path)
             getattr(self, name)(**params)
         except JobdError as e:
@@ -1722,9 +2173,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.finish_body()
+            self.app.metrics.request(self.status, self.body.received if self.body else 0,
+                                     self.sent)
             self.app.log("http", method=method, path=url.path, status=self.status,
                          ms=round((time.monotonic() - started) * 1000, 1),
-                         client=self.client_address[0] if self.client_address else None)
+                         client=self.client_address[0].removeprefix("::ffff:")
+                         if self.client_address else None)
+
+    def authorize(self, path):
+        """With a token configured, /api/ (and /metrics unless public) need the bearer
+        token; compared in constant time."""
+        token = self.app.cfg.token
+        if not token or not (path.startswith("/api/") or path == "/api" or
+                             (path == "/metrics" and not self.app.cfg.metrics_public)):
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+            raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
+                               **{"WWW-Authenticate": "Bearer"})
 
     def route(self, method, path):
         for pattern, methods in COMPILED_ROUTES:
@@ -1772,6 +2239,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Transfer-Encoding", "chunked")
             else:
                 self.send_header("Content-Length", str(length))
+                self.sent = length
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
@@ -1846,13 +2314,34 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
             if slurml:
                 raise BadRequest("slurml jobs are not supported by this jobd")
+            options = self.job_options(fields.get("timeout"), fields.get("callback"))
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
+
+    def job_options(self, timeout, callback):
+        """A job's validated options: its time limit (its own, else the server's default,
+        capped by --max-timeout) and its callback URL."""
+        cfg = self.app.cfg
+        if timeout is not None:
+            if isinstance(timeout, str):
+                try:
+                    timeout = float(timeout)
+                except ValueError:
+                    raise BadRequest(f"timeout must be a number of seconds, not {timeout!r}")
+            if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                    or not 0 < timeout < float("inf")):
+                raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = timeout or cfg.timeout
+        if cfg.max_timeout:
+            timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
+        if callback is not None:
+            check_callback_url(callback, cfg.callback_allow)
+        return {"timeout": timeout, "callback": callback}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -1905,6 +2394,8 @@ class Handler(BaseHTTPRequestHandler):
     def accept_zip(self, job_id):
         """Stream the body to the store's spool, validate it like /api/upload, store it."""
         app = self.app
+        options = self.job_options(self.headers.get("X-Jobd-Timeout"),
+                                   self.headers.get("X-Jobd-Callback"))
         spool = app.store.spool()
         try:
             body = self.request_body()
@@ -1914,7 +2405,7 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 spool.write(chunk)
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
@@ -2025,6 +2516,7 @@ class Handler(BaseHTTPRequestHandler):
                 data = f.read(64 * KiB) if f is not None else b""
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.sent += len(data)
                     continue
                 if job["status"] in FINISHED or self.client_gone(0.1):
                     break
@@ -2061,16 +2553,69 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(204, b"", content_type="text/plain")
 
 
+    # -- operations ---------------------------------------------------------------------
+
+    def healthz(self):
+        """GET /healthz (never behind the token): 200 when the database and the data
+        directory work, else 503; with version, uptime, queue depth and free disk."""
+        app, counts, problems = self.app, {}, {}
+        try:
+            counts = app.store.counts()
+            app.store.check_database()
+        except sqlite3.Error as e:
+            problems["database"] = str(e)
+        try:
+            app.store.check_data_dir()
+            free = shutil.disk_usage(app.store.data_dir).free
+        except OSError as e:
+            problems["data_dir"], free = f"{e.strerror}: {e.filename}", None
+        self.send_json(503 if problems else 200, {
+            "status": "error" if problems else "ok", "version": __version__,
+            "uptime_seconds": round(time.time() - app.started, 3),
+            "queued": counts.get(QUEUED, 0), "running": len(app.runner.active),
+            "data_free_bytes": free, "database": problems.get("database", "ok"),
+            "data_dir": problems.get("data_dir", "ok")})
+
+    def metrics(self):
+        """GET /metrics: Prometheus text exposition."""
+        app = self.app
+        text = app.metrics.render(app.store.counts(), len(app.runner.active),
+                                  time.time() - app.started)
+        self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self):
+        """GET /api/openapi.json: the OpenAPI 3 description of every endpoint."""
+        self.send_json(200, openapi_document())
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024  # 200 clients connecting at once must not be refused
 
     def __init__(self, app):
+        """Listen on cfg.host; "" means every interface, IPv6 and IPv4 (like Go's ":8080"),
+        falling back to IPv4 alone where the system has no IPv6."""
         self.app = app
-        if ":" in app.cfg.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((app.cfg.host, app.cfg.port), Handler)
+        host = app.cfg.host
+        if host == "" and socket.has_ipv6:
+            try:
+                self.address_family, self.dual_stack = socket.AF_INET6, True
+                super().__init__(("::", app.cfg.port), Handler)
+                return
+            except OSError:
+                pass
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.dual_stack = False
+        super().__init__((host or "0.0.0.0", app.cfg.port), Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can hang for seconds
+        # in a container without DNS; jobd never uses it.
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -2311,7 +2856,9 @@ def job_path(job_id, *rest):
 
 
 def read_token(token_file):
-    """The API token: from --token-file when given, else JOBD_TOKEN; None when neither."""
+    """The API token, as the server reads its own: from --token-file (or JOBD_TOKEN_FILE)
+    when given, else JOBD_TOKEN; None when neither."""
+    token_file = token_file or os.environ.get("JOBD_TOKEN_FILE")
     if token_file:
         try:
             with open(token_file, encoding="utf-8") as f:
@@ -3100,7 +3647,8 @@ def client_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help=f"jobd's address [JOBD_URL, default {DEFAULT_URL}]")
     common.add_argument("--token-file", metavar="FILE",
-                        help="read the API token from FILE [else JOBD_TOKEN]")
+                        help="read the API token from FILE [JOBD_TOKEN_FILE, else "
+                        "JOBD_TOKEN]")
     parser = argparse.ArgumentParser(prog="jobd", description="jobd's command-line client.",
                                      epilog=EXIT_CODES_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3204,13 +3752,19 @@ def client_main(argv):
 # ====================================================================================
 
 class Jobd:
-    """What one running daemon holds: its settings, log, store and runner."""
+    """What one running daemon holds: its settings, log, metrics, store and runner."""
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
         self.started = time.time()
-        self.store = Store(cfg.db_file, cfg.data)
-        self.runner = Runner(self.store, cfg, log)
+        self.metrics = Metrics()
+        self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry)
+        self.runner = Runner(self.store, cfg, log, self.metrics)
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
 
 
 def serve(cfg):
@@ -3234,6 +3788,10 @@ def serve(cfg):
     app.runner.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    if not cfg.token and not is_loopback(cfg.host):
+        log("no token set (JOBD_TOKEN or --token-file): anyone who can reach this port can "
+            "run jobs", level="warning")
     log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
         data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
     while not stop.wait(3600):
