@@ -3643,6 +3643,19 @@ COMMANDS = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "fetch
             "logs": cmd_logs, "cancel": cmd_cancel, "rm": cmd_rm, "ls": cmd_ls}
 
 
+def positive(parse):
+    """An argparse type from a parse_* function, for values above 0 (its message kept)."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+    return convert
+
+
 def client_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help=f"jobd's address [JOBD_URL, default {DEFAULT_URL}]")
@@ -3675,7 +3688,7 @@ def client_parser():
                 "example: jobd submit examples/hello --wait -o out/", codes=True)
     p.add_argument("path", metavar="PATH", help="job folder or .zip")
     p.add_argument("--id", help="the job's id (default: jobd picks one)")
-    p.add_argument("--timeout", metavar="SECONDS", type=parse_duration,
+    p.add_argument("--timeout", metavar="SECONDS", type=positive(parse_duration),
                    help="time limit for the job (e.g. 90, 30m, 2h)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end (-o and "
                    "--follow imply it)")
@@ -3710,15 +3723,33 @@ def client_parser():
     p = command("ls", "list jobs", "List jobs, newest first.")
     p.add_argument("--status", action="append", metavar="S",
                    help=f"only jobs in state S (repeatable; {', '.join(STATES)})")
-    p.add_argument("--limit", type=parse_count, default=50, metavar="N",
+    p.add_argument("--limit", type=positive(parse_count), default=50, metavar="N",
                    help="at most N jobs (default 50)")
     p.add_argument("--json", action="store_true", help="print a JSON array of status objects")
     return parser
 
 
+def count_interrupts_once():
+    """Make one Ctrl-C one KeyboardInterrupt. A frozen jobd runs under bootloaders that
+    forward SIGINT to it while the terminal sends it too: copies within 0.3 s are dropped
+    (else one Ctrl-C would count as the second one, which cancels the job)."""
+    last = []
+
+    def on_interrupt(signum, frame):
+        now = time.monotonic()
+        if last and now - last[-1] < 0.3:
+            return
+        last[:] = [now]
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by `&`
+        signal.signal(signal.SIGINT, on_interrupt)
+
+
 def client_main(argv):
     """Run one client command; its exit status. Errors are one line, never a traceback."""
     args = client_parser().parse_args(argv)
+    count_interrupts_once()
     url = args.url or os.environ.get("JOBD_URL") or DEFAULT_URL
     try:
         api = Api(url, read_token(args.token_file))

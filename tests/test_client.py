@@ -48,9 +48,11 @@ class Client:
                               text=True, timeout=timeout)
 
     def start(self, *args, env=None):
+        """The client running in its own process group (see ctrl_c)."""
         return subprocess.Popen(self.command + [str(a) for a in args], cwd=self.cwd,
                                 env=self.env(env), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
 
 
 @pytest.fixture
@@ -658,6 +660,12 @@ def test_fetch_never_writes_through_a_link_in_the_folder(stubs, jobd_command_for
 
 # ---- Ctrl-C while waiting --------------------------------------------------------------------
 
+def ctrl_c(proc):
+    """SIGINT to the client's whole process group, as a terminal sends it: a frozen jobd's
+    bootloaders get it too, and forward it to the Python process, which so gets copies."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
 def start_waiting(client, tmp_path, *flags):
     folder = job_folder(tmp_path, {"run.sh": "sleep 30\n"})
     proc = client.start("submit", folder, "--wait", *flags)
@@ -668,6 +676,8 @@ def start_waiting(client, tmp_path, *flags):
 
 def test_ctrl_c_leaves_the_job_running(client, jobd, tmp_path):
     proc, job_id = start_waiting(client, tmp_path, "-o", "later")
+    ctrl_c(proc)
+    time.sleep(0.05)  # a late copy of the same Ctrl-C (a busy bootloader forwarding it)
     proc.send_signal(signal.SIGINT)
     _, errors = proc.communicate(timeout=15)
     assert proc.returncode == EXIT_INTERRUPTED, errors
@@ -678,9 +688,9 @@ def test_ctrl_c_leaves_the_job_running(client, jobd, tmp_path):
 
 def test_second_ctrl_c_cancels_the_job(client, jobd, tmp_path):
     proc, job_id = start_waiting(client, tmp_path)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     time.sleep(0.7)
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     _, errors = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_CANCELLED, errors
     assert status(jobd, job_id)["Status"] == "CANCELLED"
@@ -688,7 +698,7 @@ def test_second_ctrl_c_cancels_the_job(client, jobd, tmp_path):
 
 def test_cancel_on_interrupt(client, jobd, tmp_path):
     proc, job_id = start_waiting(client, tmp_path, "--cancel-on-interrupt")
-    proc.send_signal(signal.SIGINT)
+    ctrl_c(proc)
     _, errors = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_CANCELLED, errors
     assert status(jobd, job_id)["Status"] == "CANCELLED"
