@@ -2808,19 +2808,21 @@ class Api:
                 raise ClientError(f"{self.url} did not answer with JSON; is it jobd?") from None
 
     def refusal(self, status, text, job_id):
+        """The ClientError for an error answer (jobd's JSON error body, or any text)."""
         try:
-            message = str(json.loads(text)["message"])
+            message, from_jobd = str(json.loads(text)["message"]), True
         except (ValueError, TypeError, KeyError):
             lines = text.decode("utf-8", "replace").strip().splitlines()
-            message = lines[0][:200] if lines else "no message"
+            message, from_jobd = lines[0][:200] if lines else "no message", False
         if status == 401:
             return ClientError(f"unauthorized ({message}): set JOBD_TOKEN or --token-file",
                                EXIT_UNAUTHORIZED)
         if status == 404 and job_id is not None and "job not found" in message:
             return ClientError(f"no job {job_id!r} on {self.url}", EXIT_NOT_FOUND)
-        if status == 404:
+        if status == 404 and (not from_jobd or "no such endpoint" in message):
             return NoEndpoint(f"{self.url} has no such endpoint ({message})", EXIT_NOT_FOUND)
-        return ClientError(f"{message} (HTTP {status})")
+        return ClientError(f"{message} (HTTP {status})",
+                           EXIT_NOT_FOUND if status == 404 else EXIT_ERROR)
 
     def lost(self, error, doing=None):
         """ClientError for a failed connection, connect or transfer."""

@@ -749,8 +749,8 @@ class GoStub:
     /api/get/{id} (202 twice, then the result), plain-text 404 elsewhere. A job "runs" by
     adding result.txt to its input; `exit N` in run.sh makes it fail as Go words it."""
 
-    def __init__(self):
-        self.jobs, self.polls = {}, {}
+    def __init__(self, json_404=False):
+        self.jobs, self.polls, self.json_404 = {}, {}, json_404
 
     def answer(self, request):
         path = request["path"]
@@ -779,6 +779,9 @@ class GoStub:
                 ("SUCCESS", "job finished successfully")
             output = base64.b64encode(make_zip(files)).decode()
             return json_answer(200, self.job_object(job_id, state, output, "", message))
+        if self.json_404:  # a jobd from before /api/jobs
+            return json_answer(404, {"error": "not_found", "message": "no such endpoint: "
+                                     + path.split("?")[0], "status": 404})
         return 404, {"Content-Type": "text/plain"}, b"404 page not found"
 
     @staticmethod
@@ -788,8 +791,9 @@ class GoStub:
                 "Message": message, "SlurmID": 0, "Slurml": False}
 
 
-def test_go_api_fallback(stubs, jobd_command_for_impl, tmp_path):
-    go = GoStub()
+@pytest.mark.parametrize("json_404", [False, True], ids=["go-404", "jobd-404"])
+def test_go_api_fallback(stubs, jobd_command_for_impl, tmp_path, json_404):
+    go = GoStub(json_404)
     stub = stubs(go.answer)
     client = stub_client(stub, jobd_command_for_impl, tmp_path)
     folder = job_folder(tmp_path, {"run.sh": "echo hi\n", "in/data.txt": "data\n"})
