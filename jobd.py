@@ -2737,6 +2737,13 @@ class Progress:
         share = f"{100 * done // total}%  " if total else ""
         self.show(f"{label}: {share}{size}  {human_bytes(rate)}/s")
 
+    def pause(self, seconds, text):
+        """Sleep, showing `text` and the time since the start (waiting for a job)."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self.show(f"{text}  {human_seconds(time.monotonic() - self.started)}")
+            time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+
     def clear(self):
         if self.shown:
             sys.stderr.write("\r\x1b[K")
@@ -3129,11 +3136,7 @@ def poll_job(api, job_id, progress, deadline_unreachable=60.0):
             if time.monotonic() - lost_since > deadline_unreachable:
                 raise
             status = "jobd not answering"
-        until = time.monotonic() + delay
-        while time.monotonic() < until:
-            progress.show(f"job {job_id}: {status}  "
-                          f"{human_seconds(time.monotonic() - progress.started)}")
-            time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+        progress.pause(delay, f"job {job_id}: {status}")
         delay = min(delay * 1.5, 2.0)
 
 
@@ -3168,9 +3171,9 @@ def follow_log(api, job_id, stream, out, reconnects=10):
             time.sleep(0 if timed_out else 1)
 
 
-def wait_go(api, job_id, progress, output=None):
+def wait_go(api, job_id, progress, part=None):
     """Go API: poll /api/get until the job has finished; its job object, with the result
-    zip decoded into the file `output` on the way (or dropped)."""
+    zip decoded into the file `part` on the way (or dropped)."""
     delay = 0.2
     while True:
         resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
@@ -3178,12 +3181,9 @@ def wait_go(api, job_id, progress, output=None):
         with resp:
             if resp.status != 202:
                 progress.started = time.monotonic()
-                return read_job_object(api, resp, output, progress)
-        until = time.monotonic() + delay
-        while time.monotonic() < until:
-            progress.show(f"job {job_id}: not finished  "
-                          f"{human_seconds(time.monotonic() - progress.started)}")
-            time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+                with open_part(part) if part else contextlib.nullcontext() as output:
+                    return read_job_object(api, resp, output, progress)
+        progress.pause(delay, f"job {job_id}: not finished")
         delay = min(delay * 1.5, 2.0)
 
 
@@ -3273,13 +3273,13 @@ def download_output(api, job_id, part, progress, attempts=3):
                 if start != have:
                     os.unlink(part)
                     continue
-            else:
-                total = int(resp.getheader("Content-Length", "0"))
-                with open(tag_file, "w", encoding="utf-8") as f:
-                    f.write(resp.getheader("ETag", ""))
             received = start
             progress.started = time.monotonic()
-            with open(part, "ab" if start else "wb") as f:
+            with open_part(part, "ab" if start else "wb") as f:
+                if not start:
+                    total = int(resp.getheader("Content-Length", "0"))
+                    with open(tag_file, "w", encoding="utf-8") as tag:
+                        tag.write(resp.getheader("ETag", ""))
                 buf = memoryview(bytearray(CHUNK))
                 while received < total:
                     try:
@@ -3299,6 +3299,8 @@ def download_output(api, job_id, part, progress, attempts=3):
                                   f"{human_bytes(received)} of {human_bytes(total)}; "
                                   "run the same command again to resume it", EXIT_UNREACHABLE)
             time.sleep(0.5)
+    raise ClientError(f"jobd kept answering the download of job {job_id}'s results with "
+                      f"ranges that do not fit; remove {part} and try again")
 
 
 def open_beneath(root_fd, parts, where):
@@ -3386,19 +3388,25 @@ def write_entry(archive, info, name, parent, force, path):
         raise ClientError(f"the job's result zip is damaged ({info.filename}: {e})") from None
 
 
-def partial_download(folder, job_id):
+def part_path(folder, job_id):
     """Where a job's result zip is downloaded to before it is unpacked into `folder`."""
+    return os.path.join(folder, f".jobd-{job_id}.zip.part")
+
+
+def open_part(part, mode="wb"):
+    """Open the file a download goes to, making its folder first."""
+    folder = os.path.dirname(part)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder or ".", exist_ok=True)
     except OSError as e:
         raise ClientError(f"cannot create {folder}: {e.strerror}") from None
-    return os.path.join(folder, f".jobd-{job_id}.zip.part")
+    return open(part, mode)
 
 
 def fetch_results(api, job_id, folder, force, progress, resource_api=True, downloaded=False):
     """Download a finished job's results and unpack them into `folder`; the partial
     download is kept in the folder until then, so a later fetch resumes it."""
-    part = partial_download(folder, job_id)
+    part = part_path(folder, job_id)
     if resource_api:
         download_output(api, job_id, part, progress)
     elif not downloaded:
@@ -3416,13 +3424,13 @@ def fetch_results(api, job_id, folder, force, progress, resource_api=True, downl
 
 def fetch_go(api, job_id, part, progress):
     """Go API: the job object of a finished job, its output decoded into `part`."""
-    with open(part, "wb") as f:
-        resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
-                           job_id=job_id)
-        with resp:
-            if resp.status == 202:
-                raise ClientError(f"job {job_id} has not finished yet", EXIT_NOT_FINISHED)
-            return read_job_object(api, resp, f, progress)
+    resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
+                       job_id=job_id)
+    with resp:
+        if resp.status == 202:
+            raise ClientError(f"job {job_id} has not finished yet", EXIT_NOT_FINISHED)
+        with open_part(part) as output:
+            return read_job_object(api, resp, output, progress)
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -3460,9 +3468,8 @@ def await_job(api, args, job_id, resource_api):
             if args.follow:
                 say("warning: this server has only the Go API; it cannot stream logs")
             # the answer that says the job is done also carries its output: keep it
-            part = partial_download(args.output, job_id) if args.output else None
-            with open(part, "wb") if part else contextlib.nullcontext() as output:
-                job = wait_go(api, job_id, progress, output)
+            part = part_path(args.output, job_id) if args.output else None
+            job = wait_go(api, job_id, progress, part)
     except KeyboardInterrupt:
         progress.clear()
         return interrupted(api, args, job_id, resource_api)

@@ -812,6 +812,7 @@ def test_go_api_fallback(stubs, jobd_command_for_impl, tmp_path, json_404):
     upload = [r for r in stub.requests if r["path"] == "/api/upload"][-1]
     assert int(upload["headers"]["content-length"]) == len(upload["body"])
     assert client.run("fetch", "gofail", "-o", "early").returncode == EXIT_NOT_FINISHED
+    assert not (client.cwd / "early").exists()
     result = client.run("wait", "gofail")
     assert result.returncode == 3 and "exit status 3" in one_line_error(result)
     assert client.run("fetch", "gofail", "-o", "res").returncode == 0
