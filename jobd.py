@@ -33,6 +33,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -426,6 +427,8 @@ def zip_entries(zf, cfg):
         raise BadRequest(f"the zip has {len(infos)} entries; at most {cfg.max_entries} are allowed")
     unpacked, files, folders = 0, set(), set()
     for info in infos:
+        if "\0" in info.orig_filename:  # zipfile cuts .filename at a NUL, hiding it
+            raise BadRequest(f"unsafe path in zip: {info.orig_filename!r}")
         parts = entry_parts(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if info.is_dir():
@@ -473,8 +476,10 @@ def check_input_zip(source, cfg):
             for info, _ in entries:
                 if not info.is_dir():
                     with zf.open(info) as data:
-                        while data.read(CHUNK):
-                            pass
+                        size = sum(len(block) for block in iter(lambda: data.read(CHUNK), b""))
+                    if size != info.file_size:  # zipfile does not check this itself
+                        raise BadRequest(f"zip entry {info.filename!r} holds {size} bytes, "
+                                         f"not the {info.file_size} it declares")
             return sum(info.file_size for info, _ in entries)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
             NotImplementedError, RuntimeError, ValueError, OSError) as e:
@@ -663,6 +668,9 @@ JOB_COLUMNS = [
     ("slurm_id", "INTEGER NOT NULL DEFAULT 0"),
     ("timeout", "REAL"),        # seconds, None for no limit
     ("callback", "TEXT"),       # URL to POST the status object to when the job ends
+    # job-orchestrator client protocol: submitted through POST /submit, and refused there
+    ("orchestrator", "INTEGER NOT NULL DEFAULT 0"),
+    ("refused", "INTEGER NOT NULL DEFAULT 0"),
 ]
 INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
 
@@ -696,6 +704,32 @@ SQL_PUT_PAYLOAD = "INSERT OR REPLACE INTO payloads (job_id, kind, data) VALUES (
 SQL_GET_PAYLOAD = "SELECT data FROM payloads WHERE job_id = ? AND kind = ?"
 SQL_DELETE_PAYLOADS = "DELETE FROM payloads WHERE job_id = ?"
 SQL_ORPHAN_PAYLOADS = "DELETE FROM payloads WHERE job_id NOT IN (SELECT id FROM jobs)"
+SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
+SQL_PUT_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+SQL_PIN_META = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"
+SQL_ID_TAKEN = "SELECT 1 FROM jobs WHERE id = ?"
+SQL_MARK_ORCHESTRATOR = "UPDATE jobs SET orchestrator = 1 WHERE id = ?"
+SQL_INSERT_REFUSED = """INSERT INTO jobs (id, status, message, created_at, finished_at,
+                        updated_at, orchestrator, refused)
+                        VALUES (?, 'FAILED', ?, ?, ?, ?, 1, 1)"""
+
+# Ids of the job-orchestrator client protocol: u32 numbers never issued twice, even by a
+# store created after the previous one was wiped (the orchestrator still holds its ids).
+# All a new store shares with a wiped one is the clock, so no id is issued before its
+# second has come (id <= seconds since 2025-01-01) and a new store starts above the second
+# it was created in. The ids of the seconds since then stay available, so a burst after
+# idle time is answered at once; more than one submission a second for longer waits for
+# the clock. Ids run out in 2161. A clock set back by more than ORCH_ID_MAX_WAIT is not
+# waited for: ids then stay unique within the store, as ever.
+ORCH_ID_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
+ORCH_ID_MAX = 2 ** 32 - 1
+ORCH_ID_MAX_WAIT = 300
+ORCH_LAST_ID = "orchestrator_last_id"  # meta key: the highest id issued so far
+
+
+def orchestrator_id_clock():
+    """Seconds since 2025-01-01: the highest orchestrator id that may be issued now."""
+    return int(time.time()) - ORCH_ID_EPOCH
 
 
 class Store:
@@ -747,6 +781,8 @@ class Store:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
             for statement in INDEXES:
                 db.execute(statement)
+            # A new store: orchestrator ids start above any a wiped store issued (ORCH_ID_EPOCH).
+            db.execute(SQL_PIN_META, (ORCH_LAST_ID, str(orchestrator_id_clock())))
 
     # -- connections ------------------------------------------------------------------
 
@@ -1023,6 +1059,67 @@ class Store:
         for path in (self.input_zip(job_id), self.output_zip(job_id), self.job_dir(job_id)):
             self.discard(path)
 
+    # -- the job-orchestrator client protocol --------------------------------------------
+
+    def last_orchestrator_id(self):
+        """The highest orchestrator id issued; those up to its creation count as issued
+        by the store a new one replaces (see ORCH_ID_EPOCH)."""
+        with self._db() as db:
+            row = db.execute(SQL_GET_META, (ORCH_LAST_ID,)).fetchone()
+        return int(row["value"]) if row else orchestrator_id_clock()
+
+    def issue_orchestrator_id(self):
+        """A new orchestrator id, skipping numbers taken as job ids through another API.
+        Waits (up to ORCH_ID_MAX_WAIT) while the next id is ahead of the clock."""
+        while True:
+            with self._write() as db:
+                db.execute(SQL_PIN_META, (ORCH_LAST_ID, str(orchestrator_id_clock())))
+                number = int(db.execute(SQL_GET_META, (ORCH_LAST_ID,)).fetchone()["value"]) + 1
+                while db.execute(SQL_ID_TAKEN, (str(number),)).fetchone():
+                    number += 1
+                ahead = number - orchestrator_id_clock()
+                if ahead <= 0 or ahead > ORCH_ID_MAX_WAIT:
+                    if number > ORCH_ID_MAX:
+                        raise JobdError("no job-orchestrator ids are left (u32)")
+                    db.execute(SQL_PUT_META, (ORCH_LAST_ID, str(number)))
+                    return number
+            time.sleep(max(0.001, ORCH_ID_EPOCH + number - time.time()))
+
+    @contextlib.contextmanager
+    def _durable_write(self):
+        """A write transaction committed with synchronous=FULL, like add()'s."""
+        with self._db() as db:
+            db.execute("PRAGMA synchronous = FULL")
+            try:
+                with self._write(db):
+                    yield db
+            finally:
+                db.execute("PRAGMA synchronous = NORMAL")
+
+    def mark_orchestrator(self, job_id):
+        """Record, durably, that an accepted job came through the orchestrator protocol."""
+        with self._durable_write() as db:
+            db.execute(SQL_MARK_ORCHESTRATOR, (job_id,))
+
+    def add_refused(self, job_id, message):
+        """Record, durably, an orchestrator submission that was refused (it answers
+        Invalid until retention removes it); Conflict when the id exists."""
+        now = time.time()
+        try:
+            with self._durable_write() as db:
+                db.execute(SQL_INSERT_REFUSED, (job_id, message, now, now, now))
+        except sqlite3.IntegrityError:
+            raise Conflict("job already exists") from None
+
+    def check(self):
+        """Raise sqlite3.Error unless the database file can be opened and read now."""
+        db = sqlite3.connect(f"file:{quote(os.path.abspath(self.db_file))}?mode=rw",
+                             uri=True, timeout=5)
+        try:
+            db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        finally:
+            db.close()
+
     def sweep_orphans(self):
         """At start-up: drop half-received uploads and payload files no record points to."""
         for kind in ("tmp", "trash"):
@@ -1085,22 +1182,31 @@ def group_alive(pgid):
         return True
 
 
-def kill_leftovers(pgid, job_dir):
+def kill_leftovers(pgid, job_dir, started_at=None):
     """Kill what an earlier jobd left of a job: processes working in its directory, and
-    its process group once a member proves the group is still that job's (pids get reused)."""
+    those of the job's session (run.sh led it) started since the job was -- pids get
+    reused, and a helper may have moved to another directory."""
     if not os.path.isdir("/proc"):
         return 0
+    job_dir = os.path.realpath(job_dir)  # /proc shows cwd with links resolved
+    since = None
+    if pgid and started_at:
+        with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/stat") as f:
+            boot = int(next(line for line in f if line.startswith("btime")).split()[1])
+            since = (started_at - boot - 1) * os.sysconf("SC_CLK_TCK")  # in clock ticks
     inside, groups = [], set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            cwd = os.readlink(f"/proc/{name}/cwd")
             with open(f"/proc/{name}/stat") as f:
-                group = int(f.read().rsplit(")", 1)[1].split()[2])
+                fields = f.read().rsplit(")", 1)[1].split()
+            group, session, start = int(fields[2]), int(fields[3]), int(fields[19])
+            cwd = os.readlink(f"/proc/{name}/cwd")
         except (OSError, ValueError, IndexError):
             continue
-        if cwd == job_dir or cwd.startswith(job_dir + "/"):
+        if (cwd == job_dir or cwd.startswith(job_dir + "/")
+                or (since is not None and session == pgid and start >= since)):
             inside.append(int(name))
             groups.add(group)
     for pid in inside:
@@ -1457,7 +1563,7 @@ class Runner:
         for job in self.store.running_jobs():
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
-            killed = kill_leftovers(job["pgid"], job_dir)
+            killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
             self.store.discard(job_dir)
             if job["attempts"] >= MAX_ATTEMPTS:
                 message = (f"job was interrupted {job['attempts']} times "
@@ -1505,7 +1611,7 @@ class RequestBody:
             raise BadRequest("unsupported Transfer-Encoding")
         if not self.chunked:
             length = headers.get("Content-Length", "0").strip()
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise BadRequest(f"invalid Content-Length {length!r}")
             self.left = int(length)
             if self.left > limit:
@@ -1540,10 +1646,10 @@ class RequestBody:
 
     def _next_chunk(self):
         line = self.rfile.readline(1024)
-        try:
-            self.left = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise BadRequest("malformed chunked body") from None
+        size = line.split(b";")[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):  # int() takes "-2", "0x1", "1_0"
+            raise BadRequest("malformed chunked body")
+        self.left = int(size, 16)
         if self.left == 0:
             while self.rfile.readline(8 * KiB) not in (b"\r\n", b"\n", b""):
                 pass  # trailers are ignored
@@ -1799,6 +1905,500 @@ class UploadReader:
         return self.ESCAPES[code]
 
 
+# -- multipart/form-data (for the job-orchestrator's POST /submit) --------------------
+# A small, strict, streaming reader (RFC 7578, RFC 2046): part data is scanned with
+# bytes.find and written out as it arrives, so memory holds at most one read plus one
+# boundary, whatever the size of the parts. (The standard library's cgi module is gone.)
+# What it accepts is what job-orchestrator's server sends through reqwest's multipart
+# Form, read strictly:
+# - the body starts with "--boundary" (a preamble of at most max_header_bytes is skipped,
+#   as RFC 2046 allows); CRLF line endings only; a boundary line may end in spaces/tabs;
+# - a delimiter inside part data that is not followed by "--" or CRLF is an error, not
+#   data: RFC 2046 forbids the boundary inside parts, so such a body is corrupt or forged;
+# - each part has `Content-Disposition: form-data` with a name; values are quoted strings
+#   (backslash escapes, as reqwest writes filename="a\"b") or unquoted up to the next
+#   `; param=` (reqwest leaves ( ) ; = @ [ \ ] raw in `name*=utf-8''...`); name*= and
+#   filename*= are read only as utf-8''percent-encoded, and win over name= and filename=;
+# - folded lines, bare CR or LF, control characters, repeated headers or parameters are
+#   errors; a completely empty body is a form with no parts (what reqwest sends for an
+#   empty folder); the closing "--boundary--" is required, the epilogue is discarded.
+
+class MultipartError(BadRequest):
+    """The request body is not a well-formed multipart/form-data body."""
+
+
+class MissingBoundary(MultipartError):
+    """No usable boundary parameter, or the body does not start with the boundary."""
+
+
+class TruncatedBody(MultipartError):
+    """The body ended before the closing boundary."""
+
+
+class PartHeadersTooLarge(MultipartError):
+    """A part's header section (or the preamble) is larger than allowed."""
+
+
+class MalformedPart(MultipartError):
+    """A part's headers or a boundary line do not follow the grammar."""
+
+
+class TooManyParts(MultipartError):
+    """The body holds more parts than allowed."""
+
+
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+OPTIONAL_SPACE = re.compile(r"[ \t]*")
+QUOTED_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+PARAM_START = re.compile(r";[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+[ \t]*=")
+LAST_SEMICOLON = re.compile(r";[ \t]*\Z")
+UNQUOTED_VALUE = re.compile(r'[^\x00-\x20"\x7f]+')
+# RFC 2046 bchars; a space is allowed inside but not at the end.
+BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def parse_params(text, what):
+    """`; name=value` pairs (value quoted or not) as a dict with lower-case names."""
+    params = {}
+    i, end = 0, len(text)
+    while i < end:  # each turn consumes at least the ';'
+        i = OPTIONAL_SPACE.match(text, i).end()
+        if i == end:
+            break
+        if text[i] != ";":
+            raise MalformedPart(f"{what}: expected ';' at {text[i:i + 20]!r}")
+        i = OPTIONAL_SPACE.match(text, i + 1).end()
+        if i == end:
+            break  # a trailing ';' is harmless
+        match = HTTP_TOKEN.match(text, i)
+        if not match:
+            raise MalformedPart(f"{what}: bad parameter name at {text[i:i + 20]!r}")
+        name = match.group().lower()
+        i = OPTIONAL_SPACE.match(text, match.end()).end()
+        if i == end or text[i] != "=":
+            raise MalformedPart(f"{what}: parameter {name!r} has no value")
+        i = OPTIONAL_SPACE.match(text, i + 1).end()
+        if i < end and text[i] == '"':
+            match = QUOTED_STRING.match(text, i)
+            if not match:
+                raise MalformedPart(f"{what}: unterminated quoted value for {name!r}")
+            value, next_i = QUOTED_PAIR.sub(r"\1", match.group(1)), match.end()
+        else:
+            next_i = i  # unquoted: up to the next ';' that starts a parameter
+            while True:  # bounded: next_i grows
+                next_i = text.find(";", next_i)
+                if (next_i < 0 or PARAM_START.match(text, next_i)
+                        or LAST_SEMICOLON.match(text, next_i)):
+                    next_i = end if next_i < 0 else next_i
+                    break
+                next_i += 1
+            value = text[i:next_i].rstrip(" \t")
+            if not UNQUOTED_VALUE.fullmatch(value):
+                raise MalformedPart(f"{what}: bad value for {name!r} at {text[i:i + 20]!r}")
+        if name in params:
+            raise MalformedPart(f"{what}: parameter {name!r} given twice")
+        params[name] = value
+        i = next_i
+    return params
+
+
+def parse_boundary(content_type):
+    """The boundary (bytes) of a `multipart/form-data; boundary=...` Content-Type."""
+    if not content_type:
+        raise MissingBoundary("no Content-Type: expected multipart/form-data; boundary=...")
+    media_type, sep, rest = content_type.partition(";")
+    if media_type.strip().lower() != "multipart/form-data":
+        raise MissingBoundary(f"Content-Type is {media_type.strip()!r}, "
+                              "not multipart/form-data")
+    try:
+        params = parse_params(sep + rest, "Content-Type")
+    except MalformedPart as e:
+        raise MissingBoundary(e.message) from None
+    boundary = params.get("boundary")
+    if boundary is None:
+        raise MissingBoundary("Content-Type multipart/form-data has no boundary parameter")
+    if not BOUNDARY.fullmatch(boundary):
+        raise MissingBoundary(f"invalid boundary {boundary[:80]!r}: "
+                              "1 to 70 of the characters RFC 2046 allows")
+    return boundary.encode("ascii")
+
+
+def ext_value(value, what):
+    """Decode an RFC 8187 ext-value; only UTF-8 (reqwest sends utf-8''...)."""
+    charset, quote1, rest = value.partition("'")
+    _language, quote2, encoded = rest.partition("'")
+    if not (quote1 and quote2):
+        raise MalformedPart(f"{what}: expected charset'language'value, got {value[:80]!r}")
+    if charset.lower() != "utf-8":
+        raise MalformedPart(f"{what}: charset {charset!r} is not supported, only UTF-8")
+    try:
+        return unquote(encoded, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedPart(f"{what}: percent-encoded value is not UTF-8") from None
+
+
+def parse_disposition(value):
+    """(name, filename) of a `form-data` Content-Disposition; filename None when absent."""
+    kind, sep, rest = value.partition(";")
+    if kind.strip().lower() != "form-data":
+        raise MalformedPart(f"Content-Disposition is {kind.strip()!r}, not form-data")
+    params = parse_params(sep + rest, "Content-Disposition")
+    found = {}
+    for key in ("name", "filename"):
+        if key + "*" in params:  # the extended form wins (RFC 6266 section 4.3)
+            found[key] = ext_value(params[key + "*"], f"Content-Disposition {key}*")
+        else:
+            found[key] = params.get(key)
+    if found["name"] is None:
+        raise MalformedPart("Content-Disposition form-data has no name (RFC 7578 section 4.2)")
+    return found["name"], found["filename"]
+
+
+def parse_part_headers(raw):
+    """A part's header block (without the blank line) as {lower-case name: value}."""
+    headers = {}
+    for line in raw.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            raise MalformedPart("bare CR or LF in part headers")
+        if line[:1] in (b" ", b"\t"):
+            raise MalformedPart("folded header lines are not allowed")
+        name, colon, value = line.partition(b":")
+        if not colon or not HTTP_TOKEN.fullmatch(name.decode("latin-1")):
+            raise MalformedPart(f"malformed part header line {line[:80]!r}")
+        try:
+            text = value.strip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPart(f"part header {name[:40]!r} is not UTF-8") from None
+        if CONTROL_CHARS.search(text):
+            raise MalformedPart(f"control character in part header {name[:40]!r}")
+        key = name.decode("ascii").lower()
+        if key in headers:
+            raise MalformedPart(f"part header {key!r} given twice")
+        headers[key] = text
+    if "content-disposition" not in headers:
+        raise MalformedPart("part without a Content-Disposition header")
+    return headers
+
+
+class BodyBuffer:
+    """The body read so far: `buf[pos:]` are the bytes read but not consumed yet."""
+
+    def __init__(self, body, chunk_size):
+        self.body, self.chunk_size = body, chunk_size
+        self.buf, self.pos, self.total, self.eof = b"", 0, 0, False
+
+    def more(self):
+        """Read one more chunk onto the buffer; False at the end of the body."""
+        if self.eof:
+            return False
+        data = self.body.read(self.chunk_size)
+        if not data:
+            self.eof = True
+            return False
+        self.total += len(data)
+        # Only the unconsumed tail is copied: at most a boundary, or a header block.
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+        return True
+
+    def available(self):
+        return len(self.buf) - self.pos
+
+
+def after_delimiter(src, cap):
+    """Consume what follows a boundary: True for the closing '--', False when a part follows."""
+    while src.available() < 2:
+        if not src.more():
+            raise TruncatedBody("the body ends right after a boundary, before the closing '--'")
+    if src.buf.startswith(b"--", src.pos):
+        src.pos += 2
+        return True
+    while True:  # transport padding (spaces, tabs) then CRLF; bounded by cap
+        i = src.buf.find(b"\r\n", src.pos)
+        padding = src.buf[src.pos:i if i >= 0 else len(src.buf)]
+        if i < 0 and padding.endswith(b"\r"):
+            padding = padding[:-1]
+        if padding.strip(b" \t"):
+            raise MalformedPart(f"a boundary is followed by {padding[:40]!r}, not CRLF or '--'"
+                                " (the boundary string must not occur inside part data)")
+        if i >= 0:
+            src.pos = i + 2
+            return False
+        if src.available() > cap:
+            raise PartHeadersTooLarge(f"more than {cap} bytes of padding after a boundary")
+        if not src.more():
+            raise TruncatedBody("the body ends inside a boundary line")
+
+
+def read_part_headers(src, cap):
+    """Consume a part's header section; return it without the final blank line."""
+    scanned = 0  # bytes after src.pos known to hold no start of CRLFCRLF
+    while True:
+        if src.available() >= 2 and src.buf.startswith(b"\r\n", src.pos):
+            src.pos += 2
+            return b""
+        i = src.buf.find(b"\r\n\r\n", src.pos + scanned)
+        if i >= 0:
+            raw = src.buf[src.pos:i]
+            if len(raw) > cap:
+                break
+            src.pos = i + 4
+            return raw
+        if src.available() > cap:
+            break
+        scanned = max(0, src.available() - 3)
+        if not src.more():
+            raise TruncatedBody("the body ends inside a part's headers")
+    raise PartHeadersTooLarge(f"a part's header section is larger than {cap} bytes")
+
+
+def copy_part_data(src, delimiter, out):
+    """Write part data to `out` (or drop it when None) up to and past the next delimiter."""
+    keep = len(delimiter) - 1  # a delimiter may straddle two reads
+    while True:
+        i = src.buf.find(delimiter, src.pos)
+        if i >= 0:
+            if out is not None and i > src.pos:
+                out.write(memoryview(src.buf)[src.pos:i])
+            src.pos = i + len(delimiter)
+            return
+        safe = len(src.buf) - keep
+        if safe > src.pos:
+            if out is not None:
+                out.write(memoryview(src.buf)[src.pos:safe])
+            src.pos = safe
+        if not src.more():
+            raise TruncatedBody("the body ends inside a part: no closing boundary")
+
+
+def read_multipart(body, boundary, open_part, *, max_header_bytes=16 * KiB, max_parts=10000,
+                   chunk_size=64 * KiB):
+    """Stream a multipart/form-data body part by part; return the number of parts.
+
+    `body.read(n)` returns up to n bytes and b"" where the request body ends (a
+    RequestBody); the body is read to its end. For each part, `open_part(headers, name,
+    filename)` gets its headers (lower-case names), field name and filename (None when
+    absent; not yet made safe: see safe_basename) and returns a binary file, or None to
+    skip the part. The data is written to it as it arrives; it is closed when the part
+    ends or the body turns out malformed. Raises a MultipartError for a malformed body.
+    """
+    if not isinstance(boundary, bytes) or not BOUNDARY.fullmatch(boundary.decode("latin-1")):
+        raise MissingBoundary(f"invalid boundary {boundary!r}")
+    if chunk_size < 1 or max_header_bytes < 1 or max_parts < 0:
+        raise ValueError("chunk_size and max_header_bytes must be positive, max_parts >= 0")
+    src = BodyBuffer(body, chunk_size)
+    dash_boundary = b"--" + boundary
+    delimiter = b"\r\n" + dash_boundary
+
+    while True:  # the opening boundary, after an optional (small) preamble
+        if src.available() >= len(dash_boundary) and src.buf.startswith(dash_boundary):
+            src.pos = len(dash_boundary)
+            break
+        i = src.buf.find(delimiter)
+        if i >= 0:
+            src.pos = i + len(delimiter)
+            break
+        if src.available() > max_header_bytes + len(delimiter):
+            raise MissingBoundary(f"no opening boundary in the first {max_header_bytes} bytes")
+        if not src.more():
+            if src.total == 0:
+                return 0  # an empty form
+            if dash_boundary.startswith(src.buf):
+                raise TruncatedBody("the body ends inside the opening boundary")
+            raise MissingBoundary("the body does not start with the boundary")
+
+    parts = 0
+    while not after_delimiter(src, max_header_bytes):  # bounded: each part consumes input
+        parts += 1
+        if parts > max_parts:
+            raise TooManyParts(f"more than {max_parts} parts")
+        headers = parse_part_headers(read_part_headers(src, max_header_bytes))
+        name, filename = parse_disposition(headers["content-disposition"])
+        out = open_part(headers, name, filename)
+        try:
+            copy_part_data(src, delimiter, out)
+        finally:
+            if out is not None:
+                out.close()
+    src.buf, src.pos = b"", 0
+    while src.more():  # the epilogue; bounded by the body's length
+        src.buf, src.pos = b"", 0
+    return parts
+
+
+def safe_basename(filename):
+    """The last path component of an uploaded file name, or ValueError.
+
+    The orchestrator sends each file with its basename as filename (the relative path is
+    the field name) and its own client saves it as <job dir>/<basename>; so a name is cut
+    after its last '/', and after its last '\\' too (Windows clients send C:\\dir\\run.sh,
+    and a '\\' kept in a name becomes a separator when a Windows tool unpacks the result).
+    Refused: '', '.', '..', control characters, invalid Unicode, more than 255 bytes.
+    """
+    if not isinstance(filename, str):
+        raise ValueError("file name must be a string")
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise ValueError(f"file name {filename[:80]!r} has no usable last component")
+    if CONTROL_CHARS.search(name) or "\t" in name:
+        raise ValueError(f"file name {filename[:80]!r} contains a control character")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"file name {filename[:80]!r} is not valid Unicode") from None
+    if size > 255:
+        raise ValueError(f"file name is {size} bytes long; at most 255 are allowed")
+    return name
+
+
+# ====================================================================================
+# HTTP: the job-orchestrator client protocol
+# ====================================================================================
+# rvhonorato/job-orchestrator's server mode dispatches jobs to a "client" in each
+# container: POST /submit (multipart, one part per file), GET /retrieve/{id} every
+# 500 ms, GET /retrieve_partial/{id}, POST /kill/{id}. jobd speaks that protocol beside
+# its own APIs, on the same store. The mapping of our states follows from what the
+# server does with the answers (../shared/spec/job-orchestrator-client.md; README:
+# "Using jobd with job-orchestrator"):
+# - only exactly 200 with application/zip counts as done, so success is answered only
+#   as the zip of the job folder (a JSON "Completed" would make its download fail);
+# - any other 2xx must be a Payload whose status it copies: waiting and running jobs are
+#   "Running" ("Queued" makes it send the job again; "Prepared" is not counted against
+#   its run limits, and older servers stop polling it);
+# - errors, 404 included, are polled again forever: so an id that jobd issued and no
+#   longer holds (retention, a wiped store) is "Cleaned", and only an id never issued
+#   is 404.
+# The orchestrator's id for a job is a number jobd issues (Store.issue_orchestrator_id);
+# the same job is the jobd job whose id is that number in decimal, for the other APIs.
+
+ZIP_TYPE = "application/zip"
+ORCH_STATUS = {QUEUED: "Running", RUNNING: "Running", FAILED: "Failed", CANCELLED: "Killed"}
+ORCH_STATUSES = ("Prepared", "Running", "Completed", "Failed", "Invalid", "Killed", "Cleaned",
+                 "Unknown")
+# The routes that touch jobs; with a token set they need it (Handler.authorize).
+ORCH_GUARDED = re.compile(r"/(submit|retrieve|retrieve_partial|kill)(/.*)?")
+
+
+def orchestrator_payload(number, status, loc="", pid=0, killed=False):
+    """The orchestrator's Payload: every key is required by its server."""
+    return {"id": number, "input": {}, "status": status, "loc": loc, "pid": pid,
+            "killed": killed}
+
+
+def orchestrator_status(job):
+    """The Payload status of a job submitted through the protocol (success is the zip)."""
+    if job["refused"]:
+        return "Invalid"
+    return ORCH_STATUS.get(job["status"], "Failed" if job["status"] in FINISHED else "Running")
+
+
+def basic_credentials(value):
+    """The user and the password of a Basic Authorization value; () if it is malformed."""
+    try:
+        text = base64.b64decode(value.strip(), validate=True).decode()
+        user, colon, password = text.partition(":")
+    except (binascii.Error, ValueError):
+        return ()
+    return (user, password) if colon else (user,)
+
+
+def parse_orchestrator_id(text):
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= ORCH_ID_MAX:
+        raise BadRequest(f"invalid job id {text[:40]!r}: a number from 1 to {ORCH_ID_MAX}")
+    return int(text)
+
+
+def create_orchestrator_job(store, create):
+    """Issue an orchestrator id and create its job with create(job id); the number."""
+    for _ in range(100):
+        number = store.issue_orchestrator_id()
+        try:
+            create(str(number))
+            return number
+        except Conflict:
+            continue  # an upload through another API took that id meanwhile
+    raise JobdError("could not find a free job id")
+
+
+class Submission:
+    """The files of one POST /submit, written into a staging folder as they arrive.
+
+    As the orchestrator's own client does, parts without a filename are skipped and a
+    file is saved under the basename of its filename (sub-folders flattened); the last
+    of files with the same name wins. An unsafe name refuses the whole submission (it
+    is answered Invalid, like one without run.sh).
+    """
+
+    def __init__(self, folder, log):
+        self.folder, self.log = folder, log
+        self.names = []
+        self.refusal = None
+
+    def open_part(self, headers, field, filename):
+        if filename is None or self.refusal:
+            return None
+        try:
+            name = safe_basename(filename)
+        except ValueError as e:
+            self.refusal = f"unsafe file name in the submission: {e}"
+            return None
+        if name in self.names:
+            self.log("submission duplicate file", name=name, field=field, kept="last")
+            self.names.remove(name)
+        self.names.append(name)
+        fd = os.open(os.path.join(self.folder, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        return open(fd, "wb")
+
+    def problem(self):
+        """Why the submission is refused, or None."""
+        if self.refusal:
+            return self.refusal
+        if not self.names:
+            return "the submission holds no files"
+        if RUN_SH not in self.names:
+            return "the submission has no run.sh"
+        return None
+
+
+class CpuMeter:
+    """The machine's CPU use in percent (for GET /load), from /proc/stat: over the time
+    since the previous reading when that is recent, else over a new 0.1 s window."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last = None   # (monotonic time, busy ticks, all ticks) of the previous reading
+        self.value = 0.0
+
+    @staticmethod
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(field) for field in f.readline().split()[1:9]]
+        idle = ticks[3] + ticks[4]  # idle and iowait
+        return time.monotonic(), sum(ticks) - idle, sum(ticks)
+
+    def percent(self):
+        try:
+            with self.lock:
+                now = self.sample()
+                if self.last is None or now[0] - self.last[0] > 10:
+                    self.last = now
+                    time.sleep(0.1)
+                    now = self.sample()
+                busy, total = now[1] - self.last[1], now[2] - self.last[2]
+                if total > 0:  # else too soon after the previous reading: repeat it
+                    self.value = round(100.0 * busy / total, 1)
+                    self.last = now
+                return self.value
+        except (OSError, ValueError, IndexError):  # no /proc: the load average instead
+            try:
+                return min(100.0, round(100.0 * os.getloadavg()[0] / (os.cpu_count() or 1), 1))
+            except OSError:
+                return 0.0
+
+
 # ====================================================================================
 # HTTP: the job object and the handler
 # ====================================================================================
@@ -1903,6 +2503,14 @@ ROUTES = [
     (r"/api/openapi\.json", {"GET": "openapi"}),
     (r"/healthz", {"GET": "healthz"}),
     (r"/metrics", {"GET": "metrics"}),
+    # the job-orchestrator client protocol
+    (r"/submit", {"POST": "orch_submit"}),
+    (r"/retrieve/(?P<number>[^/]+)", {"GET": "orch_retrieve"}),
+    (r"/retrieve_partial/(?P<number>[^/]+)", {"GET": "orch_retrieve_partial"}),
+    (r"/kill/(?P<number>[^/]+)", {"POST": "orch_kill"}),
+    (r"/load", {"GET": "orch_load"}),
+    (r"/health", {"GET": "orch_health"}),
+    (r"/", {"GET": "orch_ping"}),
 ]
 COMPILED_ROUTES = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
 
@@ -1955,6 +2563,10 @@ def openapi_document():
                   "content": {"application/zip": {"schema": {"type": "string",
                                                              "format": "binary"}}}}
     text_answer = {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    number = {"name": "number", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": ORCH_ID_MAX},
+              "description": "the job's number, as jobd answered it to POST /submit"}
+    orchestrator_security = [{"token": []}, {"basic": []}, {}]
     job_options = [
         {"name": "X-Jobd-Timeout", "in": "header", "required": False,
          "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
@@ -2014,13 +2626,46 @@ def openapi_document():
         "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
             _200={"description": "text exposition format",
                   "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
+        # The job-orchestrator client protocol: see its section for why it answers so.
+        "/submit": {"post": dict(operation(
+            "orchestratorSubmit", "job-orchestrator: a job's files, one part per file",
+            answers(_200="Payload", **errors(400, 413, 429)),
+            {"multipart/form-data": {"schema": {
+                "type": "object", "additionalProperties": dict(_STRING, format="binary")}}}),
+            security=orchestrator_security)},
+        "/retrieve/{number}": {"get": dict(operation(
+            "orchestratorRetrieve", "job-orchestrator: the result zip, else the job's state",
+            answers(_200={"description": "the zip once the job succeeded, else its Payload",
+                          "content": {**zip_answer["content"],
+                                      **json_body(ref("Payload"))["content"]}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/retrieve_partial/{number}": {"get": dict(operation(
+            "orchestratorPartial", "job-orchestrator: a zip of the job folder as it is now",
+            answers(_200=zip_answer, _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/kill/{number}": {"post": dict(operation(
+            "orchestratorKill", "job-orchestrator: cancel a job (empty answer)",
+            answers(_200={"description": "stopped, or nothing left to stop",
+                          "content": {"text/plain": {"schema": dict(_STRING, maxLength=0)}}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/load": {"get": operation("orchestratorLoad", "CPU use of the machine in percent",
+                                   answers(_200={"description": "percent", **json_body(
+                                       {"type": "number", "minimum": 0, "maximum": 100})}))},
+        "/health": {"get": operation("orchestratorHealth", "Health, as job-orchestrator's",
+                                     answers(_200="OrchestratorHealth",
+                                             _503="OrchestratorHealth"))},
+        "/": {"get": operation("orchestratorPing", "pong", answers(_200={
+            "description": "pong", **json_body(_object({"message": _STRING}))}))},
     }
     return {"openapi": "3.0.3",
             "info": {"title": "jobd", "version": __version__,
                      "description": "A job daemon: submit a zip holding run.sh, get a zip back."},
             "paths": paths,
             "components": {"schemas": SCHEMAS,
-                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}}},
+                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"},
+                                               "basic": {"type": "http", "scheme": "basic"}}},
             "security": [{"token": []}, {}]}
 
 
@@ -2062,6 +2707,13 @@ SCHEMAS = {
                        "version": _STRING, "uptime_seconds": {"type": "number"},
                        "queued": _INT, "running": _INT, "data_free_bytes": _NULL_INT,
                        "database": _STRING, "data_dir": _STRING}),
+    "Payload": _object({"id": {"type": "integer", "minimum": 0, "maximum": ORCH_ID_MAX},
+                        "input": {"type": "object"}, "status": {"type": "string",
+                                                                "enum": list(ORCH_STATUSES)},
+                        "loc": _STRING, "pid": {"type": "integer", "minimum": 0},
+                        "killed": _BOOL}),
+    "OrchestratorHealth": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                                   "database": _STRING}),
 }
 
 
@@ -2115,7 +2767,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a too large body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.app.cfg.max_upload:
+        if length.isascii() and length.isdigit() and int(length) > self.app.cfg.max_upload:
             self.send_failure(PayloadTooLarge(f"request body of {length} bytes is larger than "
                                               f"the limit of {self.app.cfg.max_upload} bytes"))
             return False
@@ -2182,14 +2834,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def authorize(self, path):
         """With a token configured, /api/ (and /metrics unless public) need the bearer
-        token; compared in constant time."""
+        token, and so do the job-orchestrator routes that touch jobs; those also take it as
+        the user or password of Basic auth, which the orchestrator sends for a URL such as
+        http://jobd:TOKEN@host/submit (it cannot send other headers). Compared in constant
+        time."""
         token = self.app.cfg.token
-        if not token or not (path.startswith("/api/") or path == "/api" or
+        orchestrator = ORCH_GUARDED.fullmatch(path) is not None
+        if not token or not (path.startswith("/api/") or path == "/api" or orchestrator or
                              (path == "/metrics" and not self.app.cfg.metrics_public)):
             return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 token.encode()):
+        offered = [given.strip()] if scheme.lower() == "bearer" else []
+        if orchestrator and scheme.lower() == "basic":
+            offered = [part for part in basic_credentials(given) if part]
+        if not any(hmac.compare_digest(value.encode(), token.encode()) for value in offered):
             raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
                                **{"WWW-Authenticate": "Bearer"})
 
@@ -2273,7 +2931,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.sendfile(f, first, count)
 
     def send_failure(self, error):
-        if error.status >= 400 and not self.body_read():
+        # (http.server's own refusals come before self.body exists, and close anyway)
+        if error.status >= 400 and not self.close_connection and not self.body_read():
             self.close_connection = True  # the unread body would be taken as the next request
         body = {"error": error.code, "message": error.message, "status": error.status}
         self.send_json(error.status, body, headers=tuple(error.headers.items()))
@@ -2552,6 +3211,139 @@ class Handler(BaseHTTPRequestHandler):
         self.app.runner.delete(job_id)
         self.send_bytes(204, b"", content_type="text/plain")
 
+    # -- the job-orchestrator client protocol (its section above says why) -----------------
+
+    def orch_submit(self):
+        """POST /submit: one multipart part per file -> 200 and a Payload "Prepared", or
+        "Invalid" for refused content; 400 (no job) for a body that is not multipart."""
+        app = self.app
+        staging = tempfile.mkdtemp(dir=app.store.dirs["tmp"])
+        spool = app.store.spool()
+        try:
+            submission = Submission(staging, app.log)
+            try:
+                boundary = parse_boundary(self.headers.get("Content-Type"))
+                read_multipart(self.request_body(), boundary, submission.open_part,
+                               max_parts=app.cfg.max_entries)
+            except JobdError:
+                self.close_connection = True  # what follows in the stream is not trusted
+                raise
+            problem = submission.problem()
+            if problem is None:
+                write_result_zip(staging, spool)
+                try:
+                    check_input_zip(spool, app.cfg)
+                except BadRequest as e:
+                    problem = e.message
+            if problem is None:
+                options = self.job_options(None, None)  # the server's time limit, if any
+                number = create_orchestrator_job(
+                    app.store, lambda job_id: app.store.add(job_id, spool, **options))
+                app.store.mark_orchestrator(str(number))
+                app.runner.notify()
+                status = "Prepared"
+            else:
+                number = create_orchestrator_job(
+                    app.store, lambda job_id: app.store.add_refused(job_id, problem))
+                status = "Invalid"
+        finally:
+            spool.discard()
+            shutil.rmtree(staging, ignore_errors=True)
+        app.log("submission", job=str(number), status=status, files=len(submission.names),
+                message=problem)
+        loc = app.store.job_dir(str(number))
+        self.send_json(200, orchestrator_payload(number, status, loc))
+
+    def orchestrator_job(self, number):
+        """The job submitted through the protocol under this number, or None."""
+        job = self.app.store.get(str(number))
+        return job if job is not None and job["orchestrator"] else None
+
+    def send_not_held(self, number):
+        """For a number with no job: 200 "Cleaned" if jobd issued it, else 404."""
+        if number <= self.app.store.last_orchestrator_id():
+            self.send_json(200, orchestrator_payload(number, "Cleaned"))
+        else:
+            self.send_json(404, orchestrator_payload(0, "Unknown"))
+
+    def send_zip(self, f, size):
+        self.send_head(200, ZIP_TYPE, size)
+        self.end_headers()
+        if self.command != "HEAD":
+            shutil.copyfileobj(f, self.wfile, CHUNK)
+
+    def orch_retrieve(self, number):
+        """GET /retrieve/{id}: the zip of the job folder once it succeeded, else a Payload."""
+        number = parse_orchestrator_id(number)
+        job = self.orchestrator_job(number)
+        if job is None:
+            return self.send_not_held(number)
+        if job["status"] == SUCCESS:
+            output, size = self.app.store.open_output(job["id"])
+            if output is None:  # a 500 is polled again; a JSON status would end the job
+                raise JobdError("the result zip of this job is missing")
+            with output:
+                return self.send_zip(output, size)
+        pid = (job["pgid"] or 0) if job["status"] == RUNNING else 0
+        self.send_json(200, orchestrator_payload(
+            number, orchestrator_status(job), self.app.store.job_dir(job["id"]), pid,
+            killed=job["status"] == CANCELLED))
+
+    def orch_retrieve_partial(self, number):
+        """GET /retrieve_partial/{id}: a zip of the job folder as it is now (the input
+        while it waits, the result once it has ended)."""
+        store = self.app.store
+        job = self.orchestrator_job(parse_orchestrator_id(number))
+        if job is not None and job["status"] == RUNNING:
+            snapshot = store.spool()
+            try:
+                write_result_zip(store.job_dir(job["id"]), snapshot)
+                job = store.get(job["id"])  # it may have ended, and its folder gone, meanwhile
+                if job is not None and job["status"] == RUNNING:
+                    snapshot.seek(0)
+                    return self.send_zip(snapshot, snapshot.size)
+            finally:
+                snapshot.discard()
+        if job is None:
+            return self.send_json(404, orchestrator_payload(0, "Unknown"))
+        if job["status"] == QUEUED:
+            f = store.open_input(job["id"])
+            size = f.seek(0, os.SEEK_END) if f else 0
+        else:
+            f, size = store.open_output(job["id"])
+        if f is None:
+            f, size = io.BytesIO(EMPTY_ZIP), len(EMPTY_ZIP)
+        with f:
+            f.seek(0)
+            self.send_zip(f, size)
+
+    def orch_kill(self, number):
+        """POST /kill/{id}: a waiting job never starts, a running one is stopped (its whole
+        process group); 200 with no body at once, also when there is nothing to stop."""
+        number = parse_orchestrator_id(number)
+        job = self.orchestrator_job(number)
+        if job is None and number > self.app.store.last_orchestrator_id():
+            return self.send_json(404, orchestrator_payload(0, "Unknown"))
+        if job is not None and job["status"] in (QUEUED, RUNNING):
+            self.app.runner.cancel(job["id"])
+        self.send_bytes(200, b"", content_type="text/plain; charset=utf-8")
+
+    def orch_load(self):
+        """GET /load: CPU use in percent, as a bare JSON number."""
+        self.send_json(200, self.app.cpu.percent())
+
+    def orch_health(self):
+        """GET /health: 200 when the database answers, else 503."""
+        try:
+            self.app.store.check()
+        except sqlite3.Error as e:
+            self.app.log("health check failed", level="error", error=str(e))
+            return self.send_json(503, {"status": "error", "database": str(e)})
+        self.send_json(200, {"status": "ok", "database": "ok"})
+
+    def orch_ping(self):
+        self.send_json(200, {"message": "pong"})
+
 
     # -- operations ---------------------------------------------------------------------
 
@@ -2616,6 +3408,17 @@ class Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def shutdown_request(self, request):
+        """Close gently: read on (briefly) what the client is still sending, so that a
+        client refused early -- a 413, say -- reads our answer instead of a reset."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and request.recv(64 * KiB):
+                pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -3800,6 +4603,7 @@ class Jobd:
         self.metrics = Metrics()
         self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry)
         self.runner = Runner(self.store, cfg, log, self.metrics)
+        self.cpu = CpuMeter()
 
 
 def is_loopback(host):
