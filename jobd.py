@@ -8,7 +8,7 @@ crashes, races and memory blow-ups. One module, standard library only.
 
 The module reads top to bottom the way an upload flows:
 configuration -> errors -> job ids and zips -> store (SQLite + files) -> runner
-(worker threads, subprocesses) -> HTTP -> main.
+(worker threads, subprocesses) -> HTTP -> client CLI -> main.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import os
+import queue
 import re
 import select
 import shlex
@@ -4222,6 +4223,1170 @@ class Server(ThreadingHTTPServer):
 
 
 # ====================================================================================
+# Client CLI: jobd submit | status | wait | fetch | logs | cancel | rm | ls
+# ====================================================================================
+# The executable that serves jobs is also their client. It speaks the resource API
+# (/api/jobs) and falls back to the Go API (/api/upload, /api/get) for submit, wait and
+# fetch when the server has only that. Payloads stream both ways: a folder is zipped on
+# the fly into a chunked request body, results go to disk as they arrive, so memory
+# stays flat whatever their size. stdout carries only results (ids, status, logs);
+# messages go to stderr, and the progress line only to a terminal.
+
+CLIENT_COMMANDS = ("submit", "status", "wait", "fetch", "logs", "cancel", "rm", "ls")
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+EXIT_ERROR = 110         # refused: bad input, a 4xx/5xx answer, unsafe or existing files
+EXIT_UNREACHABLE = 111   # no answer from jobd, or the connection was lost
+EXIT_UNAUTHORIZED = 112  # 401: missing or wrong token
+EXIT_NOT_FOUND = 113     # 404: no such job
+EXIT_FAILED = 114        # the job failed and has no exit code of its own
+EXIT_CANCELLED = 115
+EXIT_TIMED_OUT = 116
+EXIT_NOT_FINISHED = 117  # fetch of a job that is still queued or running
+EXIT_INTERRUPTED = 130   # Ctrl-C, as shells report it
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0        success (waiting: the job succeeded)
+  1-255    waiting: the job's own exit code (128+N: killed by signal N)
+  2        usage error
+  110      refused: bad folder or zip, an error answer, unsafe or existing files
+  111      jobd unreachable, or the connection was lost
+  112      unauthorized (401): set JOBD_TOKEN or --token-file
+  113      no such job (404)
+  114      the job failed without an exit code
+  115      the job was cancelled
+  116      the job timed out
+  117      fetch: the job has not finished yet
+  130      interrupted (Ctrl-C); the job keeps running"""
+
+CLIENT_SUMMARY = """\
+client commands (jobd COMMAND --help for each):
+  submit PATH   upload a job folder (run.sh at its top) or a .zip;
+                --wait -o DIR waits and unpacks the results into DIR
+  status ID     a job's status
+  wait ID       wait for a job to end and exit with its exit code
+  fetch ID      download and unpack a finished job's results (-o DIR)
+  logs ID       a job's stdout (--stderr; -f follows it live)
+  cancel ID     stop a queued or running job
+  rm ID         delete a job and its files
+  ls            list jobs, newest first (--status S)
+The client finds jobd at JOBD_URL (default http://127.0.0.1:8080), token in JOBD_TOKEN."""
+
+
+class ClientError(JobdError):
+    """A client command failed: a one-line message and the exit status to end with."""
+
+    def __init__(self, message, exit_code=EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NoEndpoint(ClientError):
+    """404 from something that is not a job: the server lacks the endpoint (a Go jobd)."""
+
+
+def say(message):
+    """A message on stderr (clearing a progress line first)."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}jobd: {message}", file=sys.stderr, flush=True)
+
+
+def note(message):
+    """A message for people only: shown when stderr is a terminal."""
+    if sys.stderr.isatty():
+        say(message)
+
+
+def human_bytes(count):
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def human_seconds(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """One line on stderr, redrawn in place at most 5 times a second; only on a terminal."""
+
+    def __init__(self, enabled=True):
+        self.on = enabled and sys.stderr.isatty()
+        self.shown = False
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    def show(self, text):
+        now = time.monotonic()
+        if not self.on or now - self.last < 0.2:
+            return
+        self.last = now
+        width = shutil.get_terminal_size().columns - 1
+        sys.stderr.write("\r\x1b[K" + text[:width])
+        sys.stderr.flush()
+        self.shown = True
+
+    def transfer(self, label, done, total=None):
+        rate = done / max(1e-3, time.monotonic() - self.started)
+        size = f"{human_bytes(done)} of {human_bytes(total)}" if total else human_bytes(done)
+        share = f"{100 * done // total}%  " if total else ""
+        self.show(f"{label}: {share}{size}  {human_bytes(rate)}/s")
+
+    def pause(self, seconds, text):
+        """Sleep, showing `text` and the time since the start (waiting for a job)."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self.show(f"{text}  {human_seconds(time.monotonic() - self.started)}")
+            time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+# -- talking to jobd ------------------------------------------------------------------
+
+class Api:
+    """A jobd server as the client sees it. One connection per request (Connection:
+    close), so a dropped connection never poisons the next request."""
+
+    def __init__(self, url, token=None, timeout=60.0):
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"invalid jobd URL {url!r}: use http://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.scheme, self.host, self.prefix = parts.scheme, parts.hostname, parts.path.rstrip("/")
+        try:
+            self.port = parts.port
+        except ValueError:
+            raise ClientError(f"invalid port in jobd URL {url!r}") from None
+        self.token, self.timeout = token, timeout
+
+    def request(self, method, path, body=None, headers=None, ok=(200,), job_id=None,
+                timeout=None):
+        """Send a request; the response, body unread, when its status is in `ok`, else
+        ClientError (NoEndpoint for a 404 that is not about a job)."""
+        if self.scheme == "https":
+            connection = getattr(http.client, "HTTPSConnection", None)
+            if connection is None:
+                raise ClientError("https is not available in this build of jobd; use http://")
+        else:
+            connection = http.client.HTTPConnection
+        conn = connection(self.host, self.port, timeout=timeout or self.timeout)
+        sent = {"User-Agent": f"jobd/{__version__}", "Connection": "close", **(headers or {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        try:
+            try:
+                conn.request(method, self.prefix + path, body=body, headers=sent)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # jobd answered before reading the whole body (409, 413...): read it
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise self.lost(e, "sending" if body is not None else None) from None
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status in ok:
+            return resp
+        with resp:
+            try:
+                text = resp.read(64 * KiB)
+            except (OSError, http.client.HTTPException):
+                text = b""
+        raise self.refusal(resp.status, text, job_id)
+
+    def json(self, method, path, ok=(200,), **kwargs):
+        """The JSON answer to a request (small bodies only)."""
+        with self.request(method, path, ok=ok, **kwargs) as resp:
+            try:
+                return json.loads(resp.read(64 * MiB))
+            except (OSError, http.client.HTTPException) as e:
+                raise self.lost(e) from None
+            except ValueError:
+                raise ClientError(f"{self.url} did not answer with JSON; is it jobd?") from None
+
+    def refusal(self, status, text, job_id):
+        """The ClientError for an error answer (jobd's JSON error body, or any text)."""
+        try:
+            message, from_jobd = str(json.loads(text)["message"]), True
+        except (ValueError, TypeError, KeyError):
+            lines = text.decode("utf-8", "replace").strip().splitlines()
+            message, from_jobd = lines[0][:200] if lines else "no message", False
+        if status == 401:
+            return ClientError(f"unauthorized ({message}): set JOBD_TOKEN or --token-file",
+                               EXIT_UNAUTHORIZED)
+        if status == 404 and job_id is not None and "job not found" in message:
+            return ClientError(f"no job {job_id!r} on {self.url}", EXIT_NOT_FOUND)
+        if status == 404 and (not from_jobd or "no such endpoint" in message):
+            return NoEndpoint(f"{self.url} has no such endpoint ({message})", EXIT_NOT_FOUND)
+        return ClientError(f"{message} (HTTP {status})",
+                           EXIT_NOT_FOUND if status == 404 else EXIT_ERROR)
+
+    def lost(self, error, doing=None):
+        """ClientError for a failed connection, connect or transfer."""
+        if isinstance(error, ClientError):
+            return error
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        if isinstance(error, (socket.timeout, TimeoutError)):
+            reason = "timed out"
+        elif isinstance(error, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
+            reason = "the connection was closed"
+        if doing == "sending":
+            reason += " (if the upload was large, check jobd's upload limit)"
+        return ClientError(f"cannot reach jobd at {self.url}: {reason}", EXIT_UNREACHABLE)
+
+    def has_jobs_api(self):
+        """True when jobd has the resource API (/api/jobs), False when only the Go one."""
+        try:
+            self.json("GET", "/api/jobs?limit=1")
+            return True
+        except NoEndpoint:
+            return False
+
+    def job_status(self, job_id):
+        """A job's status object; None when jobd has only the Go API. No such job: 113."""
+        try:
+            return self.json("GET", job_path(job_id), job_id=job_id)
+        except NoEndpoint:
+            return None
+
+
+def job_path(job_id, *rest):
+    return "/".join(["/api/jobs", quote(job_id, safe="")] + list(rest))
+
+
+def read_token(token_file):
+    """The API token, as the server reads its own: from --token-file (or JOBD_TOKEN_FILE)
+    when given, else JOBD_TOKEN; None when neither."""
+    token_file = token_file or os.environ.get("JOBD_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClientError(f"cannot read the token file {token_file}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ClientError(f"the token file {token_file} is empty")
+        return token
+    return os.environ.get("JOBD_TOKEN", "").strip() or None
+
+
+# -- what is uploaded: a folder zipped on the fly, or a zip ----------------------------
+
+def folder_entries(folder):
+    """(path, name in the zip, size or None for a folder) of everything in a job folder,
+    sorted. Links are followed (as zip does), loops skipped; run.sh must be at the top."""
+    if not os.path.isfile(os.path.join(folder, RUN_SH)):
+        raise ClientError(f"{folder}: no {RUN_SH} at its top level; a job folder needs one")
+
+    def unreadable(error):
+        raise ClientError(f"cannot read {error.filename}: {error.strerror}")
+
+    entries, seen = [], set()
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        info = os.stat(root)
+        if (info.st_dev, info.st_ino) in seen:
+            say(f"warning: skipping {root}: a link back to a folder already included")
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()
+        relative = os.path.relpath(root, folder)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        if prefix:
+            entries.append((root, prefix, None))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                info = os.stat(path)
+            except OSError as e:
+                say(f"warning: skipping {path}: {e.strerror}")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                say(f"warning: skipping {path}: not a regular file")
+                continue
+            entries.append((path, prefix + name, info.st_size))
+    return entries
+
+
+class ZipPipe:
+    """A job folder zipped by a thread and read as a stream of chunks (a chunked request
+    body): only a few chunks are ever in memory, whatever the size of the folder."""
+
+    class ReaderGone(Exception):
+        pass
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.chunks = queue.Queue(maxsize=4)
+        self.pending = bytearray()
+        self.closed = threading.Event()
+        threading.Thread(target=self.produce, name="zip", daemon=True).start()
+
+    def write(self, data):
+        """zipfile writes the archive here (in the zip thread)."""
+        if not self.pending and len(data) >= CHUNK:
+            self.put(bytes(data))
+            return len(data)
+        self.pending += data
+        if len(self.pending) >= CHUNK:
+            self.put(bytes(self.pending))
+            self.pending.clear()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def put(self, item):
+        while not self.closed.is_set():
+            with contextlib.suppress(queue.Full):
+                self.chunks.put(item, timeout=0.5)
+                return
+        raise self.ReaderGone()
+
+    def produce(self):
+        try:
+            # No seek or tell: zipfile writes sizes after each entry (data descriptors).
+            with zipfile.ZipFile(self, "w", zipfile.ZIP_DEFLATED, allowZip64=True,
+                                 strict_timestamps=False) as zf:
+                for path, name, size in self.entries:
+                    if size is None:
+                        zf.write(path, name)
+                        continue
+                    # zf.write() would copy in 8 KiB steps: a third of the CPU time
+                    info = zipfile.ZipInfo.from_file(path, name, strict_timestamps=False)
+                    info.compress_type, level = compression_for(path, size)
+                    # the level travels in the ZipInfo; its attribute is public since 3.13
+                    setattr(info, "compress_level" if hasattr(info, "compress_level")
+                            else "_compresslevel", level)
+                    with open(path, "rb") as src, zf.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+            self.put(bytes(self.pending))
+            self.put(None)
+        except Exception as e:
+            with contextlib.suppress(self.ReaderGone):
+                self.put(e)
+
+    def __iter__(self):
+        while True:
+            try:
+                item = self.chunks.get(timeout=600)
+            except queue.Empty:
+                raise ClientError("zipping the job folder stalled for 10 minutes") from None
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                detail = getattr(item, "strerror", None) or item
+                where = getattr(item, "filename", None)
+                raise ClientError(f"cannot zip the job folder: {detail}"
+                                  + (f": {where}" if where else ""))
+            yield item
+
+    def close(self):
+        self.closed.set()
+
+
+class Payload:
+    """A job to upload: `chunks` (the zip, streamed) and `size` (None when unknown)."""
+
+    def __init__(self, path):
+        self.path, self.pipe = path, None
+        if os.path.isdir(path):
+            self.pipe = ZipPipe(folder_entries(path))
+            self.chunks, self.size = iter(self.pipe), None
+            return
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [re.sub(r"^(\./)+", "", info.filename) for info in zf.infolist()]
+        except FileNotFoundError:
+            raise ClientError(f"{path}: no such file or folder") from None
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ClientError(f"{path}: not a folder, nor a readable zip ({e})") from None
+        if RUN_SH not in names:
+            raise ClientError(f"{path}: the zip has no {RUN_SH} at its top level")
+        self.size = os.path.getsize(path)
+        self.chunks = self.read_file(path)
+
+    @staticmethod
+    def read_file(path):
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    block = f.read(CHUNK)
+                    if not block:
+                        return
+                    yield block
+        except OSError as e:
+            raise ClientError(f"cannot read {path}: {e.strerror}") from None
+
+    def counted(self, chunks, progress, total):
+        sent = 0
+        for chunk in chunks:
+            yield chunk
+            sent += len(chunk)
+            progress.transfer("uploading", sent, total)
+
+    def close(self):
+        if self.pipe is not None:
+            self.pipe.close()
+
+
+def go_upload_body(job_id, chunks, timeout):
+    """The Go API's upload JSON, built on the fly around the base64 of the zip's chunks."""
+    fields = {"id": job_id, "slurml": False, **({"timeout": timeout} if timeout else {})}
+    yield (json.dumps(fields)[:-1] + ', "input": "').encode()
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        cut = len(data) - len(data) % 3  # whole groups of 3: no padding inside the text
+        carry = data[cut:]
+        yield base64.b64encode(data[:cut])
+    yield base64.b64encode(carry) + b'"}'
+
+
+def submit_job(api, payload, job_id, timeout, progress):
+    """Upload a job; its status object (resource API) or job object (Go API)."""
+    if job_id and not is_job_id(job_id):
+        raise ClientError(f"invalid job id {job_id!r}: 1 to 128 of A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit")
+    if not job_id:
+        resource_api = api.has_jobs_api()
+    else:  # asked first: a 409 would only come once the whole body is sent
+        try:
+            resource_api = api.job_status(job_id) is not None
+        except ClientError as e:
+            if e.exit_code != EXIT_NOT_FOUND:
+                raise
+            resource_api = True
+        else:
+            if resource_api:
+                raise ClientError(f"job {job_id!r} already exists on {api.url}")
+    headers = {"X-Jobd-Timeout": format(timeout, "g")} if timeout else {}
+    if resource_api:
+        headers["Content-Type"] = "application/zip"
+        if payload.size is not None:
+            headers["Content-Length"] = str(payload.size)
+        body = payload.counted(payload.chunks, progress, payload.size)
+        method, path = ("PUT", job_path(job_id)) if job_id else ("POST", "/api/jobs")
+        # jobd checks the whole zip before it answers: a long wait for a big one
+        job = api.json(method, path, body=body, headers=headers, ok=(201,), timeout=900)
+    else:
+        if timeout:
+            say("warning: this server has only the Go API; --timeout may be ignored")
+        job_id = job_id or uuid.uuid4().hex
+        headers["Content-Type"] = JSON_TYPE
+        total = None
+        if payload.size is not None:
+            prefix = next(go_upload_body(job_id, [], timeout))
+            total = len(prefix) + 4 * ((payload.size + 2) // 3) + 2
+            headers["Content-Length"] = str(total)
+        body = payload.counted(go_upload_body(job_id, payload.chunks, timeout), progress, total)
+        resp = api.request("POST", "/api/upload", body=body, headers=headers, ok=(201,),
+                           timeout=900)
+        with resp:
+            job = read_job_object(api, resp)  # Go echoes the whole input back: drop it
+    progress.clear()
+    return job, resource_api
+
+
+# -- waiting ----------------------------------------------------------------------------
+
+def job_exit_code(job):
+    """The exit status `wait` ends with for a finished job (see EXIT_CODES_HELP)."""
+    status, code, message = job.get("Status"), job.get("ExitCode"), job.get("Message") or ""
+    if status == SUCCESS:
+        return 0
+    if status == CANCELLED:
+        return EXIT_CANCELLED
+    # jobd's own words come first; what follows "exit status N: " is the job's stderr
+    own_words = re.split(r"(?:exit status \d+|signal: [\w ]+): ", message)[0]
+    if "timed out" in own_words:
+        return EXIT_TIMED_OUT
+    if code is None:  # the Go daemon has no ExitCode: read it from its message
+        match = re.search(r"exit status (\d+)", message)
+        code = int(match.group(1)) if match else None
+    return code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILED
+
+
+def poll_job(api, job_id, progress, deadline_unreachable=60.0):
+    """Poll the status until the job has finished; its status object. A jobd that stops
+    answering (a restart) is waited for up to `deadline_unreachable` seconds."""
+    delay, lost_since, status = 0.1, None, "?"
+    while True:
+        try:
+            job = api.json("GET", job_path(job_id), job_id=job_id)
+            lost_since, status = None, job["Status"]
+            if status in FINISHED:
+                progress.clear()
+                return job
+        except ClientError as e:
+            if e.exit_code != EXIT_UNREACHABLE:
+                raise
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > deadline_unreachable:
+                raise
+            status = "jobd not answering"
+        progress.pause(delay, f"job {job_id}: {status}")
+        delay = min(delay * 1.5, 2.0)
+
+
+def follow_log(api, job_id, stream, out, reconnects=10):
+    """Copy a job's log to `out` as it grows, until the job ends. A dropped connection is
+    opened again and the bytes already copied are skipped (a log only grows)."""
+    copied, failures = 0, 0
+    while True:
+        try:
+            resp = api.request("GET", job_path(job_id, "logs", stream) + "?follow=1",
+                               job_id=job_id, timeout=300)
+            with resp:
+                position = 0
+                while True:
+                    data = resp.read1(64 * KiB)
+                    if not data:
+                        return
+                    fresh = data[max(0, copied - position):]
+                    position += len(data)
+                    if fresh:
+                        out.write(fresh)
+                        out.flush()
+                        copied += len(fresh)
+        except BrokenPipeError:
+            raise  # our own stdout was closed
+        except (ClientError, OSError, http.client.HTTPException) as e:
+            error = api.lost(e)
+            timed_out = isinstance(e, (socket.timeout, TimeoutError))
+            if error.exit_code != EXIT_UNREACHABLE or (not timed_out and failures >= reconnects):
+                raise error from None
+            failures += 0 if timed_out else 1  # a quiet job is no failure: only ask again
+            time.sleep(0 if timed_out else 1)
+
+
+def wait_go(api, job_id, progress, part=None):
+    """Go API: poll /api/get until the job has finished; its job object, with the result
+    zip decoded into the file `part` on the way (or dropped)."""
+    delay = 0.2
+    while True:
+        resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
+                           job_id=job_id)
+        with resp:
+            if resp.status != 202:
+                progress.started = time.monotonic()
+                with open_part(part) if part else contextlib.nullcontext() as output:
+                    return read_job_object(api, resp, output, progress)
+        progress.pause(delay, f"job {job_id}: not finished")
+        delay = min(delay * 1.5, 2.0)
+
+
+BIG_VALUE = re.compile(rb'"(Input|Output)"\s{0,16}:\s{0,16}"')
+
+
+def read_job_object(api, resp, output=None, progress=None):
+    """The Go job object from a response, streamed: "Output" (base64) is decoded into the
+    file `output` (or dropped) and "Input" dropped, so neither is ever held in memory."""
+    decoder = Base64File(output) if output else None
+    kept, buf, inside, sink, received = bytearray(), b"", False, None, 0
+    while True:
+        try:
+            chunk = resp.read(CHUNK)
+        except (OSError, http.client.HTTPException) as e:
+            raise api.lost(e) from None
+        if not chunk and resp.length:
+            raise ClientError(f"lost the connection to {api.url} during a download",
+                              EXIT_UNREACHABLE)
+        received += len(chunk)
+        if progress is not None:
+            progress.transfer("downloading", received, resp.length and received + resp.length)
+        buf += chunk
+        try:
+            while buf:
+                if inside:
+                    end = buf.find(b'"')
+                    if sink is not None:
+                        sink.write(buf if end < 0 else buf[:end])
+                    buf, inside = (b"", True) if end < 0 else (buf[end:], False)
+                    continue
+                match = BIG_VALUE.search(buf)
+                if match is None:  # keep the end: a key may be cut between two reads
+                    keep = max(0, len(buf) - 48) if chunk else len(buf)
+                    kept += buf[:keep]
+                    buf = buf[keep:]
+                    break
+                kept += buf[:match.end()]
+                buf, inside = buf[match.end():], True
+                sink = decoder if match.group(1) == b"Output" else None
+            if len(kept) > 16 * MiB:
+                raise ClientError(f"unexpected answer from {api.url}: a job object too large")
+            if not chunk:
+                if decoder is not None:
+                    decoder.close()
+                break
+        except BadRequest as e:  # from Base64File
+            raise ClientError(f"the job's output from {api.url} is not valid: {e.message}")
+    try:
+        return json.loads(kept)
+    except ValueError:
+        raise ClientError(f"{api.url} did not answer with a job object; is it jobd?") from None
+
+
+# -- results: download and safe extraction ------------------------------------------------
+
+def download_output(api, job_id, part, progress, attempts=3):
+    """Download a finished job's result zip into the file `part`, resuming what an earlier,
+    interrupted download left there (Range + If-Range, the ETag kept in part.etag).
+    A download cut after some progress is resumed at once, up to `attempts` times."""
+    tag_file = part + ".etag"
+    for attempt in range(attempts):
+        have = os.path.getsize(part) if os.path.isfile(part) else 0
+        tag = ""
+        with contextlib.suppress(OSError):
+            with open(tag_file, encoding="utf-8") as f:
+                tag = f.read().strip()
+        headers = {"Range": f"bytes={have}-", "If-Range": tag} if have and tag else {}
+        resp = api.request("GET", job_path(job_id, "output"), headers=headers,
+                           ok=(200, 202, 206, 416), job_id=job_id)
+        with resp:
+            if resp.status == 202:
+                state = json.loads(resp.read(64 * KiB) or b"{}").get("Status", "not finished")
+                raise ClientError(f"job {job_id} has not finished yet ({state}); "
+                                  f"jobd wait {job_id} -o DIR waits for it", EXIT_NOT_FINISHED)
+            total = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)",
+                                 resp.getheader("Content-Range", "") or "")
+            total = int(total.group(1)) if total else None
+            if resp.status == 416:
+                if total == have:
+                    return  # the earlier download was complete
+                os.unlink(part)
+                continue
+            start = 0
+            if resp.status == 206:
+                start = int(re.match(r"bytes (\d+)", resp.getheader("Content-Range")).group(1))
+                if start != have:
+                    os.unlink(part)
+                    continue
+            received = start
+            progress.started = time.monotonic()
+            with open_part(part, "ab" if start else "wb") as f:
+                if not start:
+                    total = int(resp.getheader("Content-Length", "0"))
+                    with open(tag_file, "w", encoding="utf-8") as tag:
+                        tag.write(resp.getheader("ETag", ""))
+                buf = memoryview(bytearray(CHUNK))
+                while received < total:
+                    try:
+                        count = resp.readinto(buf[:min(CHUNK, total - received)])
+                    except (OSError, http.client.HTTPException):
+                        break  # cut: what arrived is kept, and resumed below
+                    if not count:
+                        break
+                    f.write(buf[:count])
+                    received += count
+                    progress.transfer("downloading", received - start, total - start)
+            progress.clear()
+            if received == total:
+                return
+            if received == have or attempt == attempts - 1:
+                raise ClientError(f"the download of job {job_id}'s results was cut at "
+                                  f"{human_bytes(received)} of {human_bytes(total)}; "
+                                  "run the same command again to resume it", EXIT_UNREACHABLE)
+            time.sleep(0.5)
+    raise ClientError(f"jobd kept answering the download of job {job_id}'s results with "
+                      f"ranges that do not fit; remove {part} and try again")
+
+
+def open_beneath(root_fd, parts, where):
+    """A descriptor of the folder root/parts (made when missing), never through a link."""
+    fd = os.dup(root_fd)
+    try:
+        for number, part in enumerate(parts):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=fd)
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                path = os.path.join(where, *parts[:number + 1])
+                why = "a symbolic link" if os.path.islink(path) else "not a folder"
+                raise ClientError(f"refused to extract into {path}: it is {why}") from None
+            os.close(fd)
+            fd = inner
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def extract_results(zip_path, folder, force=False):
+    """Unpack a result zip into `folder`, safely: every name is checked before anything is
+    written (no absolute paths, no '..', no links), nothing is written through a link
+    already in the folder, and existing files are kept unless `force`. Files written."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ClientError(f"the job's result is not a readable zip: {e}") from None
+    with archive:
+        plan = []
+        for info in archive.infolist():
+            try:
+                parts = entry_parts(info.filename)
+            except BadRequest as e:
+                raise ClientError(f"refused to extract the results: {e.message}") from None
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ClientError(f"refused to extract the results: {info.filename!r} is a "
+                                  "symbolic link (fetch --zip FILE keeps the zip as it is)")
+            if parts:
+                plan.append((info, parts))
+        if not force:
+            for info, parts in plan:
+                path = os.path.join(folder, *parts)
+                if not info.is_dir() and os.path.lexists(path):
+                    raise ClientError(f"{path} exists; use --force to overwrite")
+        root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        written = 0
+        try:
+            for info, parts in plan:
+                if info.is_dir():
+                    os.close(open_beneath(root, parts, folder))
+                    continue
+                parent = open_beneath(root, parts[:-1], folder)
+                try:
+                    write_entry(archive, info, parts[-1], parent, force,
+                                os.path.join(folder, *parts))
+                finally:
+                    os.close(parent)
+                written += 1
+        finally:
+            os.close(root)
+        return written
+
+
+def write_entry(archive, info, name, parent, force, path):
+    """One file of a result zip, created in the folder `parent` (a descriptor)."""
+    if force:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise ClientError(f"{path} is a folder; it cannot be overwritten")
+            os.unlink(name, dir_fd=parent)
+    mode = (info.external_attr >> 16) & 0o777 or 0o644
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                     dir_fd=parent)
+    except FileExistsError:
+        raise ClientError(f"{path} exists; use --force to overwrite") from None
+    try:
+        with os.fdopen(fd, "wb") as dst, archive.open(info) as src:
+            shutil.copyfileobj(src, dst, CHUNK)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ClientError(f"the job's result zip is damaged ({info.filename}: {e})") from None
+
+
+def part_path(folder, job_id):
+    """Where a job's result zip is downloaded to before it is unpacked into `folder`."""
+    return os.path.join(folder, f".jobd-{job_id}.zip.part")
+
+
+def open_part(part, mode="wb"):
+    """Open the file a download goes to, making its folder first."""
+    folder = os.path.dirname(part)
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as e:
+        raise ClientError(f"cannot create {folder}: {e.strerror}") from None
+    return open(part, mode)
+
+
+def fetch_results(api, job_id, folder, force, progress, resource_api=True, downloaded=False):
+    """Download a finished job's results and unpack them into `folder`; the partial
+    download is kept in the folder until then, so a later fetch resumes it."""
+    part = part_path(folder, job_id)
+    if resource_api:
+        download_output(api, job_id, part, progress)
+    elif not downloaded:
+        fetch_go(api, job_id, part, progress)
+    try:
+        written = extract_results(part, folder, force)
+    except ClientError as e:
+        e.message += f" (the download is kept: {part})"
+        raise
+    for path in (part, part + ".etag"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    note(f"{written} files from job {job_id} in {folder}")
+
+
+def fetch_go(api, job_id, part, progress):
+    """Go API: the job object of a finished job, its output decoded into `part`."""
+    resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
+                       job_id=job_id)
+    with resp:
+        if resp.status == 202:
+            raise ClientError(f"job {job_id} has not finished yet", EXIT_NOT_FINISHED)
+        with open_part(part) as output:
+            return read_job_object(api, resp, output, progress)
+
+
+# -- the commands -------------------------------------------------------------------------
+
+def print_json(obj):
+    print(json.dumps(obj, indent=2), flush=True)
+
+
+def print_status(job):
+    """A status object for people, one field a line."""
+    code = job.get("ExitCode")
+    state = job["Status"] + (f" (exit code {code})" if code not in (None, 0) else "")
+    fields = [("ID", job["ID"]), ("Status", state), ("Message", job.get("Message"))]
+    for key in ("CreatedAt", "StartedAt", "FinishedAt"):
+        if job.get(key):
+            fields.append((key[:-2], job[key][:19].replace("T", " ") + " UTC"))
+    for key in ("InputBytes", "OutputBytes"):
+        if job.get(key) is not None:
+            fields.append((key[:-5], human_bytes(job[key])))
+    for name, value in fields:
+        if value not in (None, ""):
+            print(f"{name + ':':<10}{value}")
+
+
+def await_job(api, args, job_id, resource_api):
+    """wait, and submit --wait: wait for the job (following its stdout with --follow),
+    unpack its results into args.output, report, and return the job's exit status."""
+    progress = Progress(enabled=not args.follow)
+    try:
+        if resource_api:
+            if args.follow:
+                follow_log(api, job_id, "stdout", sys.stdout.buffer)
+            job = poll_job(api, job_id, progress)
+        else:
+            if args.follow:
+                say("warning: this server has only the Go API; it cannot stream logs")
+            # the answer that says the job is done also carries its output: keep it
+            part = part_path(args.output, job_id) if args.output else None
+            job = wait_go(api, job_id, progress, part)
+    except KeyboardInterrupt:
+        progress.clear()
+        return interrupted(api, args, job_id, resource_api)
+    try:
+        if args.output:
+            fetch_results(api, job_id, args.output, args.force, Progress(), resource_api,
+                          downloaded=True)
+    except KeyboardInterrupt:
+        say(f"interrupted; job {job_id} has finished: get its results with "
+            f"jobd fetch {job_id} -o {args.output}{url_hint(args)}")
+        return EXIT_INTERRUPTED
+    code = job_exit_code(job)
+    if args.json:
+        print_json(job)
+    if code == 0:
+        note(f"job {job_id}: {job['Status']}")
+    else:
+        say(f"job {job_id}: {job['Status']}: {job.get('Message') or 'no message'}")
+    return code
+
+
+def url_hint(args):
+    return f" --url {args.url}" if args.url else ""
+
+
+def interrupted(api, args, job_id, resource_api):
+    """Ctrl-C while waiting: leave the job running and say how to get it later; a second
+    Ctrl-C within 3 s, or --cancel-on-interrupt, cancels it instead."""
+    if not args.cancel_on_interrupt:
+        later = f"jobd wait {job_id}" + (f" -o {args.output}" if args.output else "")
+        say(f"stopped waiting; job {job_id} keeps running. Later: {later}{url_hint(args)}")
+        if not resource_api:
+            return EXIT_INTERRUPTED
+        say("press Ctrl-C again within 3 s to cancel the job")
+        try:
+            time.sleep(3)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            pass
+    if not resource_api:
+        say(f"this server has only the Go API; it cannot cancel job {job_id}")
+        return EXIT_INTERRUPTED
+    try:
+        job = api.json("POST", job_path(job_id, "cancel"), job_id=job_id)
+    except ClientError as e:
+        if "already finished" not in e.message:
+            raise
+        job = api.json("GET", job_path(job_id), job_id=job_id)
+    say(f"job {job_id}: {job['Status']}")
+    return job_exit_code(job)
+
+
+def cmd_submit(api, args):
+    if args.output or args.follow:
+        args.wait = True
+    payload = Payload(args.path)
+    progress = Progress()
+    try:
+        job, resource_api = submit_job(api, payload, args.id, args.timeout, progress)
+    except KeyboardInterrupt:
+        progress.clear()
+        say("interrupted; the job was not submitted")
+        return EXIT_INTERRUPTED
+    finally:
+        payload.close()
+    job_id = job["ID"]
+    if args.json and not args.wait:
+        print_json(job)
+    elif args.follow:
+        note(f"job {job_id} submitted")
+    elif not args.json:
+        print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    return await_job(api, args, job_id, resource_api)
+
+
+def cmd_wait(api, args):
+    return await_job(api, args, args.id, api.job_status(args.id) is not None)
+
+
+def cmd_fetch(api, args):
+    job = api.job_status(args.id)
+    if job is not None and job["Status"] not in FINISHED:
+        raise ClientError(f"job {args.id} has not finished yet ({job['Status']}); "
+                          f"jobd wait {args.id} -o DIR waits for it", EXIT_NOT_FINISHED)
+    progress = Progress()
+    try:
+        if not args.zip:
+            fetch_results(api, args.id, args.output or args.id, args.force, progress,
+                          resource_api=job is not None)
+            return 0
+        if os.path.lexists(args.zip) and not args.force:
+            raise ClientError(f"{args.zip} exists; use --force to overwrite")
+        part = args.zip + ".part"
+        if job is not None:
+            download_output(api, args.id, part, progress)
+        else:
+            fetch_go(api, args.id, part, progress)
+        os.replace(part, args.zip)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part + ".etag")
+        return 0
+    except KeyboardInterrupt:
+        progress.clear()
+        say("interrupted; run the same command again to resume the download")
+        return EXIT_INTERRUPTED
+
+
+def cmd_status(api, args):
+    job = api.json("GET", job_path(args.id), job_id=args.id)
+    print_json(job) if args.json else print_status(job)
+    return 0
+
+
+def cmd_logs(api, args):
+    stream = "stderr" if args.stderr else "stdout"
+    if args.follow:
+        follow_log(api, args.id, stream, sys.stdout.buffer)
+        return 0
+    with api.request("GET", job_path(args.id, "logs", stream), job_id=args.id) as resp:
+        try:
+            shutil.copyfileobj(resp, sys.stdout.buffer, 64 * KiB)
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise api.lost(e) from None
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_cancel(api, args):
+    try:
+        job = api.json("POST", job_path(args.id, "cancel"), job_id=args.id)
+    except ClientError as e:
+        if "already finished" in e.message:
+            raise ClientError(f"job {args.id} has already finished; nothing to cancel") from None
+        raise
+    if args.json:
+        print_json(job)
+    note(f"job {args.id}: {job['Status']}")
+    return 0
+
+
+def cmd_rm(api, args):
+    api.request("DELETE", job_path(args.id), ok=(204,), job_id=args.id).close()
+    note(f"job {args.id} deleted")
+    return 0
+
+
+def cmd_ls(api, args):
+    statuses = ",".join(part.strip().upper() for value in args.status or []
+                        for part in value.split(",") if part.strip())
+    jobs, cursor = [], None
+    for _ in range(args.limit // LIST_LIMIT + 2):  # pages: bounded by the limit asked for
+        query = {"limit": min(LIST_LIMIT, args.limit - len(jobs))}
+        query.update({"status": statuses} if statuses else {})
+        query.update({"cursor": cursor} if cursor else {})
+        page = api.json("GET", "/api/jobs?" + "&".join(f"{k}={quote(str(v))}"
+                                                       for k, v in query.items()))
+        jobs += page["Jobs"]
+        cursor = page.get("Next")
+        if not cursor or len(jobs) >= args.limit:
+            break
+    if args.json:
+        print_json(jobs)
+        return 0
+    rows = [(job["ID"], job["Status"], "" if job.get("ExitCode") is None else str(job["ExitCode"]),
+             (job.get("CreatedAt") or "")[:19].replace("T", " "), job.get("Message") or "")
+            for job in jobs]
+    if sys.stdout.isatty():
+        rows.insert(0, ("ID", "STATUS", "EXIT", "CREATED (UTC)", "MESSAGE"))
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "fetch": cmd_fetch,
+            "logs": cmd_logs, "cancel": cmd_cancel, "rm": cmd_rm, "ls": cmd_ls}
+
+
+def positive(parse):
+    """An argparse type from a parse_* function, for values above 0 (its message kept)."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+    return convert
+
+
+def client_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"jobd's address [JOBD_URL, default {DEFAULT_URL}]")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="read the API token from FILE [JOBD_TOKEN_FILE, else "
+                        "JOBD_TOKEN]")
+    parser = argparse.ArgumentParser(prog="jobd", description="jobd's command-line client.",
+                                     epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, summary, description, codes=False):
+        return commands.add_parser(name, parents=[common], help=summary,
+                                   description=description,
+                                   epilog=EXIT_CODES_HELP if codes else None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def waiting(p):
+        p.add_argument("-o", "--output", metavar="DIR", help="unpack the results into DIR")
+        p.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
+        p.add_argument("--follow", action="store_true",
+                       help="print the job's stdout live while waiting")
+        p.add_argument("--cancel-on-interrupt", action="store_true",
+                       help="Ctrl-C cancels the job (else it keeps running)")
+        p.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    p = command("submit", "upload a job folder or zip",
+                "Upload a job: a folder with run.sh at its top (zipped on the fly) or a .zip.\n"
+                "Prints the job's id. With --wait, waits and exits with the job's exit code.\n"
+                "example: jobd submit examples/hello --wait -o out/", codes=True)
+    p.add_argument("path", metavar="PATH", help="job folder or .zip")
+    p.add_argument("--id", help="the job's id (default: jobd picks one)")
+    p.add_argument("--timeout", metavar="SECONDS", type=positive(parse_duration),
+                   help="time limit for the job (e.g. 90, 30m, 2h)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (-o and "
+                   "--follow imply it)")
+    waiting(p)
+    p = command("wait", "wait for a job to end",
+                "Wait for a job to end, optionally unpack its results, and exit with its\n"
+                "exit code. Ctrl-C stops waiting; the job keeps running.", codes=True)
+    p.add_argument("id", metavar="ID")
+    waiting(p)
+    p = command("fetch", "download a finished job's results",
+                "Download a finished job's results and unpack them (default: into ./ID).\n"
+                "An interrupted download is resumed by running the same command again.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--output", metavar="DIR", help="unpack into DIR (default: ./ID)")
+    p.add_argument("--zip", metavar="FILE", help="save the result zip as FILE instead")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p = command("status", "show a job's status", "Show a job's status.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the status object as JSON")
+    p = command("logs", "print a job's stdout or stderr",
+                "Print a job's stdout (or --stderr) so far; -f follows it until the job ends.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the log live")
+    p.add_argument("--stderr", action="store_true", help="the job's stderr instead")
+    p = command("cancel", "stop a queued or running job",
+                "Cancel a job: a queued job never starts, a running one is stopped.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the status object as JSON")
+    p = command("rm", "delete a job and its files",
+                "Delete a job (cancelling it first if needed) and all its files.")
+    p.add_argument("id", metavar="ID")
+    p = command("ls", "list jobs", "List jobs, newest first.")
+    p.add_argument("--status", action="append", metavar="S",
+                   help=f"only jobs in state S (repeatable; {', '.join(STATES)})")
+    p.add_argument("--limit", type=positive(parse_count), default=50, metavar="N",
+                   help="at most N jobs (default 50)")
+    p.add_argument("--json", action="store_true", help="print a JSON array of status objects")
+    return parser
+
+
+def count_interrupts_once():
+    """Make one Ctrl-C one KeyboardInterrupt. A frozen jobd runs under bootloaders that
+    forward SIGINT to it while the terminal sends it too: copies within 0.3 s are dropped
+    (else one Ctrl-C would count as the second one, which cancels the job)."""
+    last = []
+
+    def on_interrupt(signum, frame):
+        now = time.monotonic()
+        if last and now - last[-1] < 0.3:
+            return
+        last[:] = [now]
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by `&`
+        signal.signal(signal.SIGINT, on_interrupt)
+
+
+def client_main(argv):
+    """Run one client command; its exit status. Errors are one line, never a traceback."""
+    args = client_parser().parse_args(argv)
+    count_interrupts_once()
+    url = args.url or os.environ.get("JOBD_URL") or DEFAULT_URL
+    try:
+        api = Api(url, read_token(args.token_file))
+        return COMMANDS[args.command](api, args)
+    except NoEndpoint as e:
+        if args.command in ("submit", "wait", "fetch"):
+            say(f"{e.message}; is {url} a jobd?")
+        else:
+            say(f"{url} has no /api/jobs (a Go jobd?); `jobd {args.command}` needs it")
+        return EXIT_ERROR
+    except ClientError as e:
+        say(e.message)
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # local files: the network's errors are ClientErrors by now
+        say(f"{e.filename or 'error'}: {e.strerror or e}")
+        return EXIT_ERROR
+    except Exception as e:
+        say(f"unexpected error: {type(e).__name__}: {e}")
+        return EXIT_ERROR
+
+
+# ====================================================================================
 # Main
 # ====================================================================================
 
@@ -4284,11 +5449,16 @@ def serve(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
+        return client_main(argv)
     parser = argparse.ArgumentParser(
-        prog="jobd", description="Serve jobs (a zip holding run.sh) over HTTP.",
-        epilog="Flags win over environment variables, shown in [brackets].")
+        prog="jobd", usage="jobd [serve] [server flags]\n       jobd COMMAND [options]",
+        description="Serve jobs (a zip holding run.sh) over HTTP, or, with a COMMAND, "
+                    "talk to a jobd as its client.",
+        epilog="Server flags win over environment variables, shown in [brackets].\n\n"
+               + CLIENT_SUMMARY, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jobd {__version__}")
-    server_arguments(parser)
+    server_arguments(parser.add_argument_group("server flags"))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     cfg = load_config(parser.parse_args(argv), os.environ)

@@ -11,7 +11,9 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import socket
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -320,13 +322,71 @@ def slurm_vs_local(workdir, jobs=200, runs=20):
             cluster, os.path.join(workdir, "plain"), jobs, runs)
     return figures
 
+def run_measured(argv, cwd, env, timeout=600):
+    """Run a command to its end: (seconds, exit status, its peak RSS in MB, from wait4)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - started > timeout:
+            proc.kill()
+            raise RuntimeError(f"{argv} took more than {timeout} s")
+        time.sleep(0.005)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, proc.returncode, usage.ru_maxrss * 1024 / MB
+
+
+def client_round_trip(workdir, size_mb=200, repeats=3):
+    """`jobd submit` of a 200 MB folder (zipped on the fly), then `jobd fetch -o` of its
+    200 MB result (download and unpack): MB/s each way and the client's peak RSS in MB."""
+    folder = Path(workdir) / "job"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.sh").write_text("true\n")
+    with open(folder / "random.bin", "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(MB))
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    server = start_jobd(os.path.join(workdir, "server"))
+    env = dict(os.environ, JOBD_URL=f"http://127.0.0.1:{server.port}")
+    client = [sys.executable, str(ROOT / "jobd.py")]
+    up, down, peaks = [], [], []
+    try:
+        for repeat in range(repeats):
+            job = f"client{repeat}"
+            seconds, code, rss = run_measured(client + ["submit", str(folder), "--id", job],
+                                              workdir, env)
+            assert code == 0, f"submit exited {code}"
+            up.append(total / MB / seconds)
+            peaks.append(rss)
+            deadline = time.monotonic() + 300
+            while (json.loads(server.request("GET", f"/api/jobs/{job}").body)["Status"]
+                   != "SUCCESS" and time.monotonic() < deadline):
+                time.sleep(0.2)
+            output = json.loads(server.request("GET", f"/api/jobs/{job}").body)["OutputBytes"]
+            out = Path(workdir) / "out"
+            seconds, code, rss = run_measured(client + ["fetch", job, "-o", str(out)],
+                                              workdir, env)
+            assert code == 0, f"fetch exited {code}"
+            assert (out / "random.bin").stat().st_size == size_mb * MB
+            down.append(output / MB / seconds)
+            peaks.append(rss)
+            shutil.rmtree(out)
+            server.request("DELETE", f"/api/jobs/{job}")
+    finally:
+        server.stop()
+    return statistics.median(up), statistics.median(down), max(peaks)
+
 
 # ---- the table --------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", help="run one measurement: latency, burst, rate, "
-                        "output, raw, slurm")
+                        "output, raw, slurm, client")
     args = parser.parse_args()
     rows = []
 
@@ -379,6 +439,13 @@ def main():
                 by_jobd = slurm["slurm_ms"] - slurm["plain_ms"]
                 row("  of which jobd (vs plain sbatch)", by_jobd, "ms",
                     "<= 1,000 ms (--slurm-poll)", "-", by_jobd <= 1000)
+        if wanted("client"):
+            up, down, rss = client_round_trip(os.path.join(tmp, "client"))
+            row("jobd submit, 200 MB folder (zipped on the fly)", up, "MB/s", ">= 100 MB/s",
+                "-", up >= 100)
+            row("jobd fetch -o, 200 MB result (download, unpack)", down, "MB/s",
+                ">= 100 MB/s", "-", down >= 100)
+            row("  client's peak RSS (submit, fetch)", rss, "MB", "<= 50 MB", "-", rss <= 50)
 
     widths = [max(len(str(r[i])) for r in rows + [HEADER]) for i in range(5)]
     for line in [HEADER, tuple("-" * w for w in widths)] + rows:
