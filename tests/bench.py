@@ -322,6 +322,7 @@ def slurm_vs_local(workdir, jobs=200, runs=20):
             cluster, os.path.join(workdir, "plain"), jobs, runs)
     return figures
 
+
 def run_measured(argv, cwd, env, timeout=600):
     """Run a command to its end: (seconds, exit status, its peak RSS in MB, from wait4)."""
     started = time.perf_counter()
