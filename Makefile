@@ -45,7 +45,7 @@ venv: $(VENV_STAMP)
 build-deps:
 	@bash ci/install-build-deps.sh
 
-$(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-tmpdir-error.patch
+$(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-jobd.patch
 	@bash ci/install-build-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-build.txt -r requirements-dev.txt
@@ -54,7 +54,7 @@ $(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-tmp
 	    -d .cache/staticx staticx==$(STATICX_VERSION)
 	echo "$(STATICX_SHA256)  .cache/staticx/staticx-$(STATICX_VERSION).tar.gz" | sha256sum -c --quiet
 	tar -C .cache/staticx -xzf .cache/staticx/staticx-$(STATICX_VERSION).tar.gz
-	patch -d .cache/staticx/staticx-$(STATICX_VERSION) -p1 < packaging/staticx-tmpdir-error.patch
+	patch -d .cache/staticx/staticx-$(STATICX_VERSION) -p1 < packaging/staticx-jobd.patch
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" BOOTLOADER_CC=musl-gcc \
 	    $(VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
 	    .cache/staticx/staticx-$(STATICX_VERSION)
