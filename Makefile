@@ -58,6 +58,8 @@ $(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-job
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" BOOTLOADER_CC=musl-gcc \
 	    $(VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
 	    .cache/staticx/staticx-$(STATICX_VERSION)
+	$(VENV)/bin/python -c "import staticx, os, sys; d = os.path.join(os.path.dirname(staticx.__file__), 'assets', 'release'); \
+	    sys.exit(0 if all(os.path.exists(os.path.join(d, f)) for f in ('bootloader', 'libnssfix.so')) else 'staticx build incomplete (no bootloader or libnssfix.so in ' + d + '): need musl-gcc, gcc, libc6-dev')"
 	touch $@
 
 # PyInstaller one-file build, then staticx bundles the loader, libc, libz, ... into it.
