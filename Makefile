@@ -36,7 +36,10 @@ VENV_STAMP := $(VENV)/.freeze-installed
 # Reproducible builds: PyInstaller output depends on hash seeds; timestamps come from the commit.
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
 export SOURCE_DATE_EPOCH
-BUILD_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONHASHSEED=0 JOBD_SOURCE="$(abspath $(JOBD_SOURCE))"
+# Libraries staticx stores uncompressed besides the program: bigger file, faster start.
+STATICX_STORE ?= libc.so.6
+BUILD_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONHASHSEED=0 JOBD_SOURCE="$(abspath $(JOBD_SOURCE))" \
+    STATICX_STORE="$(STATICX_STORE)"
 
 .PHONY: venv build dist dist-check image-test bench-binary rootfs-test build-deps clean-build
 
