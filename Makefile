@@ -33,7 +33,8 @@ RELEASE = jobd_$(VERSION)_$(ARCH)
 STATICX_VERSION := 0.14.2
 STATICX_SHA256 := bf7d5d35d5777a72b2d4c408eb25f9c61049b28b94a388a012122dba00fffa93
 VENV_STAMP := $(VENV)/.freeze-installed
-# Reproducible builds: PyInstaller output depends on hash seeds; timestamps come from the commit.
+# Reproducible builds: PyInstaller and staticx's scons build depend on hash seeds (set order);
+# timestamps come from the commit.
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
 export SOURCE_DATE_EPOCH
 # Libraries staticx stores uncompressed besides the program: bigger file, faster start.
@@ -58,7 +59,7 @@ $(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-job
 	echo "$(STATICX_SHA256)  .cache/staticx/staticx-$(STATICX_VERSION).tar.gz" | sha256sum -c --quiet
 	tar -C .cache/staticx -xzf .cache/staticx/staticx-$(STATICX_VERSION).tar.gz
 	patch -d .cache/staticx/staticx-$(STATICX_VERSION) -p1 < packaging/staticx-jobd.patch
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" BOOTLOADER_CC=musl-gcc \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" BOOTLOADER_CC=musl-gcc PYTHONHASHSEED=0 \
 	    $(VENV)/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
 	    .cache/staticx/staticx-$(STATICX_VERSION)
 	$(VENV)/bin/python -c "import staticx, os, sys; d = os.path.join(os.path.dirname(staticx.__file__), 'assets', 'release'); \
