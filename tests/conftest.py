@@ -1,0 +1,198 @@
+"""Shared fixtures: a real jobd on an ephemeral port, started as a subprocess.
+
+The `jobd` fixture is parametrised over the implementations under test: the source
+(`python3 jobd.py`) and the frozen binary (`dist/jobd`, built by `make build`). Every
+test that uses it runs against both. Set JOBD_TEST_IMPL=source (or binary) to pick one.
+"""
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = ROOT / "dist" / "jobd"
+IMPLEMENTATIONS = [name for name in os.environ.get("JOBD_TEST_IMPL", "source,binary").split(",")
+                   if name]
+
+
+def jobd_command(impl):
+    """argv prefix that starts jobd from source or from the frozen binary."""
+    if impl == "source":
+        return [sys.executable, str(ROOT / "jobd.py")]
+    if not BINARY.exists():
+        pytest.skip("dist/jobd is not built (make build); make test builds it")
+    return [str(BINARY)]
+
+
+def make_zip(files, modes=None, compression=zipfile.ZIP_DEFLATED):
+    """A zip (bytes) of {name: str|bytes}; `modes` gives unix modes for some names."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, content in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            mode = (modes or {}).get(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, content.encode() if isinstance(content, str) else content)
+    return buf.getvalue()
+
+
+def unzip(data):
+    """{name: bytes} of a zip given as bytes."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {info.filename: zf.read(info) for info in zf.infolist()}
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class Jobd:
+    """A jobd subprocess with its own data directory and database, on 127.0.0.1."""
+
+    def __init__(self, command, workdir, args=(), env=None):
+        self.command = list(command)
+        self.workdir = Path(workdir)
+        self.data = self.workdir / "data"
+        self.db = self.workdir / "jobd.sqlite3"
+        self.args = list(args)
+        self.env = dict(os.environ if env is None else env)
+        self.proc = None
+        self.port = None
+        self.lines = []
+        self._listening = threading.Event()
+
+    # -- process ----------------------------------------------------------------------
+
+    def start(self, timeout=15):
+        argv = self.command + ["--host", "127.0.0.1", "--port", "0", "--db", str(self.db),
+                               "--data", str(self.data)] + self.args
+        self.lines = []
+        self._listening.clear()
+        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
+        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        if not self._listening.wait(timeout):
+            self.kill()
+            raise AssertionError("jobd did not start:\n" + self.log_text())
+        return self
+
+    def _read_log(self, proc):
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if "listening on http://" in line and not self._listening.is_set():
+                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+                self._listening.set()
+
+    def log_text(self):
+        return "\n".join(self.lines[-200:])
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Send `sig` and wait for the exit; the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"jobd did not exit within {timeout}s of {sig!r}")
+
+    def kill(self):
+        """SIGKILL jobd's whole process group (a crash: jobs' own groups survive)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with_suppress(lambda: os.killpg(self.proc.pid, signal.SIGKILL))
+            self.proc.wait(10)
+
+    def restart(self):
+        return self.start()
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return Response(resp.status, dict(resp.getheaders()), resp.read())
+        finally:
+            conn.close()
+
+    def upload(self, job_id, files=None, zip_bytes=None, **extra):
+        """POST /api/upload with {"id", "input": base64 of a zip} (plus extra keys)."""
+        data = zip_bytes if zip_bytes is not None else make_zip(files or {"run.sh": "true\n"})
+        body = {"id": job_id, "input": base64.b64encode(data).decode(), **extra}
+        return self.request("POST", "/api/upload", json.dumps(body))
+
+    def get(self, job_id):
+        return self.request("GET", f"/api/get/{job_id}")
+
+    def wait(self, job_id, timeout=30, ready=(200, 206)):
+        """Poll GET /api/get/{id} until it is finished; the final Response."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            resp = self.get(job_id)
+            if resp.status in ready:
+                return resp
+            assert resp.status == 202, resp
+            time.sleep(0.02)
+        raise AssertionError(f"job {job_id} did not finish within {timeout}s\n" + self.log_text())
+
+    def output(self, job_id, timeout=30):
+        """(job object, {name: bytes} of its output zip) once the job has finished."""
+        job = self.wait(job_id, timeout).json()
+        return job, unzip(base64.b64decode(job["Output"], validate=True))
+
+
+def with_suppress(fn):
+    try:
+        fn()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def jobd_command_for_impl(request):
+    return jobd_command(request.param)
+
+
+@pytest.fixture
+def make_jobd(tmp_path, jobd_command_for_impl):
+    """Factory: make_jobd(args=[...], env={...}) -> a started Jobd; all stopped at the end."""
+    started = []
+
+    def make(args=(), env=None, start=True, workdir=None):
+        server = Jobd(jobd_command_for_impl, workdir or tmp_path, args, env)
+        started.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def jobd(make_jobd):
+    """A started jobd with default settings."""
+    return make_jobd()
