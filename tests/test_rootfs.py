@@ -1,7 +1,8 @@
 """The static binary in foreign root file systems (issue 3: the root-filesystem matrix).
 
 Each case copies dist/jobd (or $JOBD_BINARY) into a root, starts it with chroot inside a
-private mount namespace (`unshare --mount`) with /proc mounted, runs one job over HTTP on
+private mount namespace (`unshare --mount`) with /proc and a minimal /dev mounted (what any
+container runtime provides), runs one job over HTTP on
 127.0.0.1, and stops it with SIGTERM, which must give exit status 0. Mounts made inside the
 namespace vanish with it; anything still mounted under a root afterwards is lazily unmounted.
 Root only: the cases are skipped, with the reason, for anyone else.
@@ -49,11 +50,11 @@ pytestmark = [
 # ---------------------------------------------------------------------------- roots
 
 def make_root(path, tmp=True):
-    """A root holding only /jobd, /proc (mount point), /data and, if tmp, /tmp with mode 1777."""
+    """A root holding only /jobd, /proc and /dev (mount points), /data and, if tmp, /tmp (1777)."""
     path.mkdir()
     shutil.copy(BINARY, path / "jobd")
     os.chmod(path / "jobd", 0o755)
-    for name in ("proc", "data"):
+    for name in ("proc", "dev", "data"):
         (path / name).mkdir()
     if tmp:
         (path / "tmp").mkdir()
@@ -122,7 +123,14 @@ class Jail:
 
     def start(self, args=("--host", "127.0.0.1", "--port", "0", "--db", "/data/jobd.sqlite3",
                           "--data", "/data/jobs")):
-        steps = self.prefix + ["mount -t proc proc %s" % shlex.quote(str(self.root / "proc"))] + self.setup
+        # What a container runtime gives every image, FROM scratch included: /proc, and a /dev
+        # with the basic device nodes (jobs get /dev/null as stdin).
+        dev = shlex.quote(str(self.root / "dev"))
+        steps = self.prefix + ["mount -t proc proc %s" % shlex.quote(str(self.root / "proc")),
+                               "mount -t tmpfs -o mode=755,nosuid tmpfs %s" % dev]
+        for node in ("null", "zero", "full", "random", "urandom"):
+            steps += [": > %s/%s" % (dev, node), "mount --bind /dev/%s %s/%s" % (node, dev, node)]
+        steps += self.setup
         chroot = ["chroot"] + (["--userspec=%s" % self.user] if self.user else [])
         env = ["env", "-i"] + ["%s=%s" % kv for kv in self.env.items()]
         command = env + chroot + [str(self.root), "/jobd"] + list(args)
@@ -245,17 +253,25 @@ ENV_JOB = "#!/bin/sh\ncat /proc/$$/environ > env.bin\necho ok\n"
 # ---------------------------------------------------------------------------- cases
 
 def test_empty_root(tmp_path, jails):
-    """FROM scratch: only /jobd and /tmp (1777); the job itself is a static program."""
+    """FROM scratch: only /jobd and /tmp (1777). No shell: run.sh cannot run, but jobd must
+    take the job, run it to FAILED and answer with its files."""
     root = make_root(tmp_path / "root")
+    job, output = run_and_stop(jails(root), "scratch", "#!/bin/sh\necho never\n")
+    assert job["Status"] == "FAILED", job
+    assert output["run.sh"] == b"#!/bin/sh\necho never\n"
+
+
+@pytest.mark.xfail(reason="jobd.py starts a run.sh without #! through a shell, even an ELF "
+                          "program (Go execs ./run.sh); see the freeze report", strict=False)
+def test_empty_root_static_program(tmp_path, jails):
+    """In an empty root a static program as run.sh runs (the kernel execs it directly)."""
     hello = static_hello(tmp_path)
-    jail = jails(root)
-    if hello is None:   # no compiler: a shell script cannot run here, but jobd must answer
-        job, output = run_and_stop(jail, "scratch", "#!/bin/sh\necho never\n")
-        assert job["Status"] == "FAILED"
-    else:
-        job, output = run_and_stop(jail, "scratch", hello)
-        assert job["Status"] == "SUCCESS", job
-        assert output["jobd.stdout"] == b"hello from scratch\n"
+    if hello is None:
+        pytest.skip("no C compiler to make a static program")
+    root = make_root(tmp_path / "root")
+    job, output = run_and_stop(jails(root), "scratch-elf", hello)
+    assert job["Status"] == "SUCCESS", job
+    assert output["jobd.stdout"] == b"hello from scratch\n"
 
 
 def test_busybox_root_and_job_environment(tmp_path, jails):
