@@ -63,7 +63,7 @@ STATICX_STORE ?= libc.so.6
 BUILD_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONHASHSEED=0 JOBD_SOURCE="$(abspath $(JOBD_SOURCE))" \
     STATICX_STORE="$(STATICX_STORE)"
 
-.PHONY: venv build dist dist-check image-test bench-binary rootfs-test build-deps clean-build
+.PHONY: venv build dist dist-check image-test bench-binary rootfs-test build-deps clean-build FORCE
 
 venv: $(VENV_STAMP)
 
@@ -87,8 +87,15 @@ $(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-job
 	    sys.exit(0 if all(os.path.exists(os.path.join(d, f)) for f in ('bootloader', 'libnssfix.so')) else 'staticx build incomplete (no bootloader or libnssfix.so in ' + d + '): need musl-gcc, gcc, libc6-dev')"
 	touch $@
 
+# Rebuild when JOBD_SOURCE names another file, not only when the file changes.
+SOURCE_STAMP := build/.jobd-source
+$(SOURCE_STAMP): FORCE
+	@mkdir -p build
+	@echo "$(abspath $(JOBD_SOURCE))" | cmp -s - $@ || echo "$(abspath $(JOBD_SOURCE))" > $@
+FORCE:
+
 # PyInstaller one-file build, then staticx bundles the loader, libc, libz, ... into it.
-dist/jobd: $(VENV_STAMP) build.spec $(JOBD_SOURCE)
+dist/jobd: $(VENV_STAMP) build.spec $(JOBD_SOURCE) $(SOURCE_STAMP)
 	@test -n "$(VERSION)" || { echo "no __version__ found in $(JOBD_SOURCE)" >&2; exit 1; }
 	$(BUILD_ENV) $(VENV)/bin/pyinstaller --noconfirm --clean --log-level WARN \
 	    --distpath build/pyinstaller --workpath build/pyinstaller-work build.spec

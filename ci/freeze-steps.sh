@@ -29,11 +29,11 @@ time make build
 step "binary figures (make bench-binary)"
 make bench-binary
 
-# The API suite against the binary: tests/ take the program from JOBD_BINARY when it is set.
+# The API suite against the binary (tests/conftest.py: JOBD_TEST_IMPL picks the implementation).
 step "API suite against dist/jobd"
 rc=0
-JOBD_BINARY="$PWD/dist/jobd" .venv/bin/python -m pytest -q tests --ignore=tests/test_rootfs.py || rc=$?
-[ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"     # 5: no API tests collected (yet)
+JOBD_TEST_IMPL=binary .venv/bin/python -m pytest tests --ignore=tests/test_rootfs.py || rc=$?
+[ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"     # 5: no API tests collected
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "freeze: not root: root-filesystem matrix, reproducibility and image test skipped"
@@ -41,7 +41,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 step "root-filesystem matrix (tests/test_rootfs.py)"
-.venv/bin/python -m pytest -q tests/test_rootfs.py
+.venv/bin/python -m pytest tests/test_rootfs.py
 
 step "make dist-check (two builds, same tarball bytes)"
 time make dist-check

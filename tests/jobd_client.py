@@ -23,8 +23,11 @@ def job_zip(run_sh, files=None):
         info.external_attr = 0o100755 << 16
         info.compress_type = zipfile.ZIP_DEFLATED
         zf.writestr(info, run_sh)
-        for name, data in (files or {}).items():
-            zf.writestr(name, data)
+        for name, data in (files or {}).items():   # extra files are stored executable (755)
+            extra = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+            extra.external_attr = 0o100755 << 16
+            extra.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(extra, data)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -253,12 +253,20 @@ ENV_JOB = "#!/bin/sh\ncat /proc/$$/environ > env.bin\necho ok\n"
 # ---------------------------------------------------------------------------- cases
 
 def test_empty_root(tmp_path, jails):
-    """FROM scratch: only /jobd and /tmp (1777). No shell: run.sh cannot run, but jobd must
-    take the job, run it to FAILED and answer with its files."""
+    """FROM scratch: only /jobd and /tmp (1777). There is no shell, so the job brings a static
+    program and names it as run.sh's interpreter (#!./hello); without a C compiler to make one,
+    the job fails, but jobd must still run it and answer with its files."""
     root = make_root(tmp_path / "root")
-    job, output = run_and_stop(jails(root), "scratch", "#!/bin/sh\necho never\n")
-    assert job["Status"] == "FAILED", job
-    assert output["run.sh"] == b"#!/bin/sh\necho never\n"
+    hello = static_hello(tmp_path)
+    jail = jails(root)
+    if hello is None:
+        job, output = run_and_stop(jail, "scratch", "#!/bin/sh\necho never\n")
+        assert job["Status"] == "FAILED", job
+        assert output["run.sh"] == b"#!/bin/sh\necho never\n"
+    else:
+        job, output = run_and_stop(jail, "scratch", "#!./hello\n", files={"hello": hello})
+        assert job["Status"] == "SUCCESS", job
+        assert output["jobd.stdout"] == b"hello from scratch\n"
 
 
 @pytest.mark.xfail(reason="jobd.py starts a run.sh without #! through a shell, even an ELF "
