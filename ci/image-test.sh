@@ -44,15 +44,22 @@ export CONTAINERS_STORAGE_CONF="$run_dir/storage.conf" CONTAINERS_CONF="$run_dir
 export BUILDAH_ISOLATION=chroot
 containers=()
 server_pid=
+unmount_below() {   # lazily unmount everything mounted at or below $1, deepest first
+    awk -v p="$1" '$5 == p || index($5, p "/") == 1 {print $5}' /proc/self/mountinfo \
+        | sort -r | while read -r point; do umount -l "$point" 2>/dev/null || true; done
+}
 cleanup() {
     for c in "${containers[@]}"; do podman rm -f -t 2 "$c" >/dev/null 2>&1 || true; done
     [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
+    buildah rm --all >/dev/null 2>&1 || true
+    podman unmount --all >/dev/null 2>&1 || true
     if [ "${KEEP_IMAGES:-1}" = 0 ]; then
         podman system reset -f >/dev/null 2>&1 || true
-        rm -rf "$state"
     fi
-    # overlay mounts of the storage live under the runroot; unmount lazily before removing it
-    grep -o " $run_dir[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    # container storage leaves its layer mounts (and a bind of its overlay dir) behind
+    unmount_below "$state"
+    unmount_below "$run_dir"
+    if [ "${KEEP_IMAGES:-1}" = 0 ]; then rm -rf "$state"; fi
     rm -rf "$run_dir"
 }
 trap cleanup EXIT
