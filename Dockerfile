@@ -14,7 +14,7 @@ RUN apt-get update \
         make patch gcc libc6-dev binutils patchelf musl-tools \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Makefile build.spec requirements-build.txt requirements-dev.txt jobd.py README.md ./
+COPY Makefile build.spec requirements-build.txt jobd.py ./
 COPY packaging/ packaging/
 COPY ci/install-build-deps.sh ci/
 # Timestamps inside the binary (no git in the builder); pass the commit time for a release.

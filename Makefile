@@ -38,8 +38,8 @@ clean:
 # ---------------------------------------------------------------------------
 # freeze: static binary, release tarball, container images (issue 3)
 # ---------------------------------------------------------------------------
-# make venv          .venv with the pinned build tools (requirements-build.txt,
-#                    requirements-dev.txt) and staticx built from source with our patch
+# make venv          .venv with the pinned build tools (requirements-build.txt) and
+#                    staticx built from source with our patch
 # make build         dist/jobd: one static executable (PyInstaller + staticx)
 # make dist          dist/jobd_<version>_linux_amd64.tar.gz + .sha256 (reproducible)
 # make dist-check    build the tarball twice from scratch and compare the bytes
@@ -70,10 +70,10 @@ venv: $(VENV_STAMP)
 build-deps:
 	@bash ci/install-build-deps.sh
 
-$(VENV_STAMP): requirements-build.txt requirements-dev.txt packaging/staticx-jobd.patch
+$(VENV_STAMP): requirements-build.txt packaging/staticx-jobd.patch
 	@bash ci/install-build-deps.sh
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-build.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-build.txt
 	rm -rf .cache/staticx && mkdir -p .cache/staticx
 	$(VENV)/bin/pip download -q --disable-pip-version-check --no-deps --no-build-isolation --no-binary :all: \
 	    -d .cache/staticx staticx==$(STATICX_VERSION)
@@ -134,7 +134,7 @@ image-test: dist/jobd
 bench-binary: dist/jobd
 	$(PYTHON) tests/measure_binary.py dist/jobd
 
-rootfs-test: dist/jobd $(VENV_STAMP)
+rootfs-test: dist/jobd $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests/test_rootfs.py
 
 clean-build:

@@ -16,6 +16,9 @@ import base64
 import binascii
 import contextlib
 import errno
+import hashlib
+import hmac
+import http.client
 import io
 import json
 import os
@@ -24,10 +27,12 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -36,7 +41,7 @@ import zipfile
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 
@@ -87,9 +92,27 @@ def parse_bool(text):
     return str(text).strip().lower() in ("1", "true", "yes", "on")
 
 
+def parse_seconds(text):
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def parse_log_format(text):
+    if text not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return text
+
+
 class Setting:
-    def __init__(self, name, env, default, parse, help):
+    """One setting: a flag, an environment variable, a default and a parser. `kind` is
+    "value", "switch" (a flag without argument) or "list" (a repeatable flag; in the
+    environment, separated by spaces or commas)."""
+
+    def __init__(self, name, env, default, parse, help, kind="value"):
         self.name, self.env, self.default, self.parse, self.help = name, env, default, parse, help
+        self.kind = kind
 
     @property
     def flag(self):
@@ -97,7 +120,8 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("host", "JOBD_HOST", "0.0.0.0", str, "address to listen on"),
+    Setting("host", "JOBD_HOST", "", str,
+            "address to listen on (default: every interface, IPv6 and IPv4)"),
     Setting("port", "PORT", 8080, parse_port, "TCP port (0 picks a free one)"),
     Setting("db", "DB_PATH", "./db", str,
             "SQLite database file, or an existing directory to hold jobd.sqlite3"),
@@ -108,7 +132,8 @@ SETTINGS = [
             "how long finished jobs are kept (e.g. 2d, 12h)"),
     Setting("grace", "JOBD_GRACE", 10.0, parse_duration,
             "time between SIGTERM and SIGKILL when jobs are stopped"),
-    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run"),
+    Setting("debug", "DEBUG", False, parse_bool, "keep job directories after the run",
+            kind="switch"),
     Setting("max_upload", "JOBD_MAX_UPLOAD", 2 * GiB, parse_size, "largest request body"),
     Setting("max_unpacked", "JOBD_MAX_UNPACKED", 16 * GiB, parse_size,
             "largest total unpacked size of an input zip"),
@@ -116,14 +141,31 @@ SETTINGS = [
             "most entries in an input zip"),
     Setting("request_timeout", "JOBD_REQUEST_TIMEOUT", 60.0, parse_duration,
             "idle time after which a connection or a stalled upload is dropped"),
-    Setting("log_format", "JOBD_LOG_FORMAT", "text", str, "text or json"),
+    Setting("log_format", "JOBD_LOG_FORMAT", "text", parse_log_format,
+            "text (readable) or json (one object a line)"),
+    Setting("token_file", "JOBD_TOKEN_FILE", None, str,
+            "file holding the API token (instead of JOBD_TOKEN in the environment)"),
+    Setting("metrics_public", "JOBD_METRICS_PUBLIC", False, parse_bool,
+            "serve /metrics without the token", kind="switch"),
+    Setting("timeout", "JOBD_TIMEOUT", None, parse_seconds,
+            "time limit of a job that sets none (default: none)"),
+    Setting("max_timeout", "JOBD_MAX_TIMEOUT", None, parse_seconds,
+            "the longest time limit a job may have"),
+    Setting("max_queued", "JOBD_MAX_QUEUED", None, parse_count,
+            "most jobs waiting; beyond it uploads get 429"),
+    Setting("callback_allow", "JOBD_CALLBACK_ALLOW", (), str,
+            "URL prefix completion callbacks may go to (repeatable)", kind="list"),
+    Setting("callback_retry", "JOBD_CALLBACK_RETRY", 3600.0, parse_seconds,
+            "how long a failing callback is retried"),
 ]
 
 
 class Config:
-    """The validated settings, read once in main() and passed down; never changed after."""
+    """The validated settings, read once in main() and passed down; never changed after.
+    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file."""
 
-    def __init__(self, **values):
+    def __init__(self, token=None, **values):
+        object.__setattr__(self, "token", token)
         for setting in SETTINGS:
             object.__setattr__(self, setting.name, values.get(setting.name, setting.default))
 
@@ -138,7 +180,11 @@ class Config:
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
     for setting in SETTINGS:
-        kind = {"debug": dict(action="store_const", const="true")}.get(setting.name, {})
+        metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
+                   parse_count: "N", parse_port: "PORT"}.get(setting.parse)
+        kind = {"switch": dict(action="store_const", const="true"),
+                "list": dict(action="append", metavar="PREFIX")}.get(
+                    setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
 
@@ -154,12 +200,23 @@ def load_config(args, environ):
         if raw is None:
             continue
         try:
-            values[setting.name] = setting.parse(raw)
+            if setting.kind == "list":
+                items = raw if isinstance(raw, list) else re.split(r"[\s,]+", raw.strip())
+                values[setting.name] = tuple(setting.parse(item) for item in items if item)
+            else:
+                values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise SystemExit(f"jobd: {source}: {e}")
-    if values.get("log_format", "text") not in ("text", "json"):
-        raise SystemExit("jobd: --log-format must be text or json")
-    return Config(**values)
+    token = environ.get("JOBD_TOKEN") or None
+    if values.get("token_file"):
+        try:
+            with open(values["token_file"]) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
+        if not token:
+            raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
+    return Config(token=token, **values)
 
 
 # ====================================================================================
@@ -200,6 +257,63 @@ def rfc3339(timestamp, digits=6):
     seconds = int(timestamp)
     fraction = int((timestamp - seconds) * 10 ** digits)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"
+
+
+class Metrics:
+    """Counters since start, for GET /metrics (Prometheus text format)."""
+
+    BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}                       # HTTP status code -> count
+        self.bytes_in = self.bytes_out = 0
+        self.duration_buckets = [0] * len(self.BUCKETS)
+        self.duration_sum = 0.0
+        self.duration_count = 0
+
+    def request(self, status, received, sent):
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    def job_finished(self, seconds):
+        with self.lock:
+            for i, bound in enumerate(self.BUCKETS):
+                if seconds <= bound:
+                    self.duration_buckets[i] += 1
+            self.duration_sum += seconds
+            self.duration_count += 1
+
+    def render(self, counts, running, uptime):
+        """The exposition text; `counts` maps each job state to its number of jobs."""
+        lines = []
+
+        def metric(name, kind, help, samples):
+            lines.extend([f"# HELP jobd_{name} {help}", f"# TYPE jobd_{name} {kind}"])
+            lines.extend(f"jobd_{name}{labels} {value}" for labels, value in samples)
+
+        with self.lock:
+            metric("info", "gauge", "Version of this jobd.", [(f'{{version="{__version__}"}}', 1)])
+            metric("uptime_seconds", "gauge", "Seconds since jobd started.", [("", round(uptime, 3))])
+            metric("jobs", "gauge", "Jobs in the store, by state.",
+                   [(f'{{state="{state}"}}', counts.get(state, 0)) for state in STATES])
+            metric("queue_depth", "gauge", "Jobs waiting to run.", [("", counts.get(QUEUED, 0))])
+            metric("running_jobs", "gauge", "Jobs running now.", [("", running)])
+            buckets = [(f'{{le="{bound:g}"}}', n)
+                       for bound, n in zip(self.BUCKETS, self.duration_buckets)]
+            metric("job_duration_seconds", "histogram", "Run time of finished jobs.",
+                   [(labels.replace("{", "_bucket{", 1), n) for labels, n in buckets] +
+                   [('_bucket{le="+Inf"}', self.duration_count),
+                    ("_sum", round(self.duration_sum, 6)), ("_count", self.duration_count)])
+            metric("http_received_bytes_total", "counter", "Bytes of request bodies read.",
+                   [("", self.bytes_in)])
+            metric("http_sent_bytes_total", "counter", "Bytes of response bodies sent.",
+                   [("", self.bytes_out)])
+            metric("http_requests_total", "counter", "HTTP requests answered, by status code.",
+                   [(f'{{code="{code}"}}', n) for code, n in sorted(self.requests.items())])
+        return "\n".join(lines) + "\n"
 
 
 # ====================================================================================
@@ -312,6 +426,8 @@ def zip_entries(zf, cfg):
         raise BadRequest(f"the zip has {len(infos)} entries; at most {cfg.max_entries} are allowed")
     unpacked, files, folders = 0, set(), set()
     for info in infos:
+        if "\0" in info.orig_filename:  # zipfile cuts .filename at a NUL, hiding it
+            raise BadRequest(f"unsafe path in zip: {info.orig_filename!r}")
         parts = entry_parts(info.filename)
         kind = stat.S_IFMT(info.external_attr >> 16)
         if info.is_dir():
@@ -359,8 +475,10 @@ def check_input_zip(source, cfg):
             for info, _ in entries:
                 if not info.is_dir():
                     with zf.open(info) as data:
-                        while data.read(CHUNK):
-                            pass
+                        size = sum(len(block) for block in iter(lambda: data.read(CHUNK), b""))
+                    if size != info.file_size:  # zipfile does not check this itself
+                        raise BadRequest(f"zip entry {info.filename!r} holds {size} bytes, "
+                                         f"not the {info.file_size} it declares")
             return sum(info.file_size for info, _ in entries)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
             NotImplementedError, RuntimeError, ValueError, OSError) as e:
@@ -526,6 +644,11 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS payloads (
         job_id TEXT NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL,
         PRIMARY KEY (job_id, kind))""",
+    # Completion callbacks still to deliver; written in the same transaction as the end
+    # of the job, so a restart never loses one.
+    """CREATE TABLE IF NOT EXISTS callbacks (
+        job_id TEXT PRIMARY KEY, url TEXT NOT NULL, body BLOB, attempts INTEGER NOT NULL,
+        next_at REAL NOT NULL, give_up_at REAL NOT NULL)""",
 ]
 # Columns are added to an existing table when missing, so a newer jobd opens an older store.
 JOB_COLUMNS = [
@@ -542,12 +665,20 @@ JOB_COLUMNS = [
     ("pgid", "INTEGER"),
     ("slurml", "INTEGER NOT NULL DEFAULT 0"),
     ("slurm_id", "INTEGER NOT NULL DEFAULT 0"),
+    ("timeout", "REAL"),        # seconds, None for no limit
+    ("callback", "TEXT"),       # URL to POST the status object to when the job ends
+    # job-orchestrator client protocol: submitted through POST /submit, and refused there
+    ("orchestrator", "INTEGER NOT NULL DEFAULT 0"),
+    ("refused", "INTEGER NOT NULL DEFAULT 0"),
 ]
 INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
-SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml)
-                VALUES (?, 'QUEUED', ?, ?, ?, ?)"""
+SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
+                                  timeout, callback)
+                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?)"""
+SQL_COUNT_QUEUED = "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'"
+SQL_COUNT_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
 SQL_NEXT_QUEUED = "SELECT id FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
                attempts = attempts + 1, pgid = NULL WHERE id = ? AND status = 'QUEUED'"""
@@ -561,10 +692,43 @@ SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
 SQL_LIST = "SELECT * FROM jobs WHERE seq < ? {filter} ORDER BY seq DESC LIMIT ?"
 SQL_ALL_IDS = "SELECT id FROM jobs"
+SQL_ADD_CALLBACK = """INSERT OR REPLACE INTO callbacks (job_id, url, attempts, next_at, give_up_at)
+                      SELECT id, callback, 0, ?, ? FROM jobs
+                      WHERE id = ? AND callback IS NOT NULL"""
+SQL_DUE_CALLBACKS = "SELECT * FROM callbacks WHERE next_at <= ? ORDER BY next_at LIMIT 50"
+SQL_SET_CALLBACK_BODY = "UPDATE callbacks SET body = ? WHERE job_id = ?"
+SQL_RETRY_CALLBACK = "UPDATE callbacks SET attempts = attempts + 1, next_at = ? WHERE job_id = ?"
+SQL_DELETE_CALLBACK = "DELETE FROM callbacks WHERE job_id = ?"
 SQL_PUT_PAYLOAD = "INSERT OR REPLACE INTO payloads (job_id, kind, data) VALUES (?, ?, ?)"
 SQL_GET_PAYLOAD = "SELECT data FROM payloads WHERE job_id = ? AND kind = ?"
 SQL_DELETE_PAYLOADS = "DELETE FROM payloads WHERE job_id = ?"
 SQL_ORPHAN_PAYLOADS = "DELETE FROM payloads WHERE job_id NOT IN (SELECT id FROM jobs)"
+SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
+SQL_PUT_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+SQL_PIN_META = "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)"
+SQL_ID_TAKEN = "SELECT 1 FROM jobs WHERE id = ?"
+SQL_MARK_ORCHESTRATOR = "UPDATE jobs SET orchestrator = 1 WHERE id = ?"
+SQL_INSERT_REFUSED = """INSERT INTO jobs (id, status, message, created_at, finished_at,
+                        updated_at, orchestrator, refused)
+                        VALUES (?, 'FAILED', ?, ?, ?, ?, 1, 1)"""
+
+# Ids of the job-orchestrator client protocol: u32 numbers never issued twice, even by a
+# store created after the previous one was wiped (the orchestrator still holds its ids).
+# All a new store shares with a wiped one is the clock, so no id is issued before its
+# second has come (id <= seconds since 2025-01-01) and a new store starts above the second
+# it was created in. The ids of the seconds since then stay available, so a burst after
+# idle time is answered at once; more than one submission a second for longer waits for
+# the clock. Ids run out in 2161. A clock set back by more than ORCH_ID_MAX_WAIT is not
+# waited for: ids then stay unique within the store, as ever.
+ORCH_ID_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
+ORCH_ID_MAX = 2 ** 32 - 1
+ORCH_ID_MAX_WAIT = 300
+ORCH_LAST_ID = "orchestrator_last_id"  # meta key: the highest id issued so far
+
+
+def orchestrator_id_clock():
+    """Seconds since 2025-01-01: the highest orchestrator id that may be issued now."""
+    return int(time.time()) - ORCH_ID_EPOCH
 
 
 class Store:
@@ -587,8 +751,9 @@ class Store:
     a power cut only means the job runs again.
     """
 
-    def __init__(self, db_file, data_dir):
+    def __init__(self, db_file, data_dir, max_queued=None, callback_retry=3600.0):
         self.db_file = db_file
+        self.max_queued, self.callback_retry = max_queued, callback_retry
         self.data_dir = os.path.abspath(data_dir)
         self.state_dir = os.path.join(self.data_dir, ".jobd")
         self.dirs = {name: os.path.join(self.state_dir, name)
@@ -603,6 +768,8 @@ class Store:
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
+        self._trash_added = threading.Event()
+        threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
             db.execute("PRAGMA journal_mode = WAL")
             for statement in SCHEMA:
@@ -613,6 +780,8 @@ class Store:
                     db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
             for statement in INDEXES:
                 db.execute(statement)
+            # A new store: orchestrator ids start above any a wiped store issued (ORCH_ID_EPOCH).
+            db.execute(SQL_PIN_META, (ORCH_LAST_ID, str(orchestrator_id_clock())))
 
     # -- connections ------------------------------------------------------------------
 
@@ -694,31 +863,39 @@ class Store:
         return self._open_payload(job_id, "output")
 
     def discard(self, path):
-        """Remove a file or a whole directory; directories are renamed away first, so a
-        process still writing by relative path never writes into a new directory of that name."""
+        """Remove a file or a whole directory. A directory is renamed into the trash at
+        once (so a process still writing by relative path never writes into a new
+        directory of that name) and deleted by a background thread, off the job's path."""
         if os.path.isdir(path) and not os.path.islink(path):
-            doomed = os.path.join(self.dirs["trash"], uuid.uuid4().hex)
             try:
-                os.rename(path, doomed)
+                os.rename(path, os.path.join(self.dirs["trash"], uuid.uuid4().hex))
+                self._trash_added.set()
             except OSError:
-                doomed = path
-            shutil.rmtree(doomed, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def _empty_trash(self):
+        while True:
+            self._trash_added.wait()
+            self._trash_added.clear()
+            for name in os.listdir(self.dirs["trash"]):
+                shutil.rmtree(os.path.join(self.dirs["trash"], name), ignore_errors=True)
+
     # -- the life of a job ---------------------------------------------------------------
 
-    def add(self, job_id, spool, slurml=False):
+    def add(self, job_id, spool, slurml=False, timeout=None, callback=None):
         """Accept a job whose input zip is in `spool`: durable when this returns.
 
-        Raises Conflict when the id exists. The id check and the insert are one
-        transaction, so of racing uploads exactly one wins. Uploads arriving together
+        Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
+        waiting. The checks and the insert are one transaction, so of racing uploads
+        exactly one wins. Uploads arriving together
         share that transaction and its fsync (group commit): the first waiting upload
         leads, commits everyone waiting, wakes them, and hands the lead to the next one.
         """
-        entry = {"id": job_id, "spool": spool, "slurml": int(slurml), "error": None,
-                 "lead": False, "event": threading.Event()}
+        entry = {"id": job_id, "spool": spool, "row": (int(slurml), timeout, callback),
+                 "error": None, "lead": False, "event": threading.Event()}
         if not spool.in_memory:
             spool.durable_file()  # the fsync of a large input happens outside the queue
         with self._queue_lock:
@@ -746,11 +923,18 @@ class Store:
         try:
             moved = False
             with self._write(self._durable) as db:
+                room = self.max_queued - db.execute(SQL_COUNT_QUEUED).fetchone()[0] \
+                    if self.max_queued else len(batch)
                 for entry in batch:
                     job_id, spool = entry["id"], entry["spool"]
                     size = spool.size
+                    if room <= 0:
+                        entry["error"] = TooManyRequests(
+                            f"the queue is full ({self.max_queued} jobs waiting); try again "
+                            "later", **{"Retry-After": "5"})
+                        continue
                     try:
-                        db.execute(SQL_INSERT, (job_id, now, now, size, entry["slurml"]))
+                        db.execute(SQL_INSERT, (job_id, now, now, size) + entry["row"])
                     except sqlite3.IntegrityError:  # the id exists (only this row is undone)
                         entry["error"] = Conflict("job already exists")
                         continue
@@ -760,6 +944,7 @@ class Store:
                         os.replace(spool.path, self.input_zip(job_id))
                         moved = True
                     entry["job"] = db.execute(SQL_GET, (job_id,)).fetchone()
+                    room -= 1
                 if moved:
                     fsync_path(self.dirs["input"], directory=True)
         except Exception as e:
@@ -801,6 +986,8 @@ class Store:
                                              now, now, job_id, was))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
+            if cursor.rowcount == 1:
+                db.execute(SQL_ADD_CALLBACK, (now, now + self.callback_retry, job_id))
         if cursor.rowcount == 0 and output is not None and not output.in_memory:
             self.discard(self.output_zip(job_id))  # the job was deleted meanwhile
         return cursor.rowcount == 1
@@ -817,6 +1004,43 @@ class Store:
             return db.execute(SQL_LIST.format(filter=where),
                               (before, *statuses, limit)).fetchall()
 
+    def counts(self):
+        """{status: number of jobs}."""
+        with self._db() as db:
+            return {row["status"]: row["n"] for row in db.execute(SQL_COUNT_BY_STATUS)}
+
+    def check_database(self):
+        """Raise sqlite3.Error if the database cannot be written within 2 seconds."""
+        db = sqlite3.connect(self.db_file, timeout=2, isolation_level=None)
+        try:
+            with self._write(db):
+                db.execute("DELETE FROM meta WHERE key = 'health'")
+        finally:
+            db.close()
+
+    def check_data_dir(self):
+        """Raise OSError if the data directory cannot be written."""
+        probe = os.path.join(self.dirs["tmp"], "health-" + uuid.uuid4().hex)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+
+    def due_callbacks(self, now):
+        with self._db() as db:
+            return db.execute(SQL_DUE_CALLBACKS, (now,)).fetchall()
+
+    def callback_body(self, job_id, body):
+        with self._write() as db:
+            db.execute(SQL_SET_CALLBACK_BODY, (body, job_id))
+
+    def callback_done(self, job_id, retry_at=None):
+        """Forget a delivered (or abandoned) callback, or schedule its next attempt."""
+        with self._write() as db:
+            if retry_at is None:
+                db.execute(SQL_DELETE_CALLBACK, (job_id,))
+            else:
+                db.execute(SQL_RETRY_CALLBACK, (retry_at, job_id))
+
     def running_jobs(self):
         with self._db() as db:
             return db.execute(SQL_RUNNING).fetchall()
@@ -830,8 +1054,70 @@ class Store:
         with self._write() as db:
             db.execute(SQL_DELETE, (job_id,))
             db.execute(SQL_DELETE_PAYLOADS, (job_id,))
+            db.execute(SQL_DELETE_CALLBACK, (job_id,))
         for path in (self.input_zip(job_id), self.output_zip(job_id), self.job_dir(job_id)):
             self.discard(path)
+
+    # -- the job-orchestrator client protocol --------------------------------------------
+
+    def last_orchestrator_id(self):
+        """The highest orchestrator id issued; those up to its creation count as issued
+        by the store a new one replaces (see ORCH_ID_EPOCH)."""
+        with self._db() as db:
+            row = db.execute(SQL_GET_META, (ORCH_LAST_ID,)).fetchone()
+        return int(row["value"]) if row else orchestrator_id_clock()
+
+    def issue_orchestrator_id(self):
+        """A new orchestrator id, skipping numbers taken as job ids through another API.
+        Waits (up to ORCH_ID_MAX_WAIT) while the next id is ahead of the clock."""
+        while True:
+            with self._write() as db:
+                db.execute(SQL_PIN_META, (ORCH_LAST_ID, str(orchestrator_id_clock())))
+                number = int(db.execute(SQL_GET_META, (ORCH_LAST_ID,)).fetchone()["value"]) + 1
+                while db.execute(SQL_ID_TAKEN, (str(number),)).fetchone():
+                    number += 1
+                ahead = number - orchestrator_id_clock()
+                if ahead <= 0 or ahead > ORCH_ID_MAX_WAIT:
+                    if number > ORCH_ID_MAX:
+                        raise JobdError("no job-orchestrator ids are left (u32)")
+                    db.execute(SQL_PUT_META, (ORCH_LAST_ID, str(number)))
+                    return number
+            time.sleep(max(0.001, ORCH_ID_EPOCH + number - time.time()))
+
+    @contextlib.contextmanager
+    def _durable_write(self):
+        """A write transaction committed with synchronous=FULL, like add()'s."""
+        with self._db() as db:
+            db.execute("PRAGMA synchronous = FULL")
+            try:
+                with self._write(db):
+                    yield db
+            finally:
+                db.execute("PRAGMA synchronous = NORMAL")
+
+    def mark_orchestrator(self, job_id):
+        """Record, durably, that an accepted job came through the orchestrator protocol."""
+        with self._durable_write() as db:
+            db.execute(SQL_MARK_ORCHESTRATOR, (job_id,))
+
+    def add_refused(self, job_id, message):
+        """Record, durably, an orchestrator submission that was refused (it answers
+        Invalid until retention removes it); Conflict when the id exists."""
+        now = time.time()
+        try:
+            with self._durable_write() as db:
+                db.execute(SQL_INSERT_REFUSED, (job_id, message, now, now, now))
+        except sqlite3.IntegrityError:
+            raise Conflict("job already exists") from None
+
+    def check(self):
+        """Raise sqlite3.Error unless the database file can be opened and read now."""
+        db = sqlite3.connect(f"file:{quote(os.path.abspath(self.db_file))}?mode=rw",
+                             uri=True, timeout=5)
+        try:
+            db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        finally:
+            db.close()
 
     def sweep_orphans(self):
         """At start-up: drop half-received uploads and payload files no record points to."""
@@ -852,14 +1138,17 @@ class Store:
 # Runner: a fixed pool of worker threads, one subprocess per job
 # ====================================================================================
 
+SECRETS = ("JOBD_TOKEN", "SLURML_API_TOKEN")  # jobd's own; a job has no use for them
+
+
 def job_environment():
-    """The environment jobs run with: the one jobd was started with.
+    """The environment jobs run with: the one jobd was started with, minus its secrets.
 
     A frozen jobd (PyInstaller) points LD_LIBRARY_PATH into its own unpacked bundle;
     a tool started by run.sh would then load jobd's libraries instead of its image's
     and can crash. Restore the original value, or drop it if there was none.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRETS}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is None:
@@ -869,12 +1158,12 @@ def job_environment():
     return env
 
 
-def run_command(job_dir, env):
-    """argv for run.sh: itself when it has a #! line, else bash (or /bin/sh without bash)."""
+def run_command(job_dir, shell):
+    """argv for run.sh: itself when it has a #! line, else `shell` (bash, or /bin/sh)."""
     with open(os.path.join(job_dir, RUN_SH), "rb") as f:
         if f.read(2) == b"#!":
             return ["./" + RUN_SH]
-    return [shutil.which("bash", path=env.get("PATH", os.defpath)) or "/bin/sh", RUN_SH]
+    return [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
@@ -892,22 +1181,31 @@ def group_alive(pgid):
         return True
 
 
-def kill_leftovers(pgid, job_dir):
+def kill_leftovers(pgid, job_dir, started_at=None):
     """Kill what an earlier jobd left of a job: processes working in its directory, and
-    its process group once a member proves the group is still that job's (pids get reused)."""
+    those of the job's session (run.sh led it) started since the job was -- pids get
+    reused, and a helper may have moved to another directory."""
     if not os.path.isdir("/proc"):
         return 0
+    job_dir = os.path.realpath(job_dir)  # /proc shows cwd with links resolved
+    since = None
+    if pgid and started_at:
+        with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/stat") as f:
+            boot = int(next(line for line in f if line.startswith("btime")).split()[1])
+            since = (started_at - boot - 1) * os.sysconf("SC_CLK_TCK")  # in clock ticks
     inside, groups = [], set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            cwd = os.readlink(f"/proc/{name}/cwd")
             with open(f"/proc/{name}/stat") as f:
-                group = int(f.read().rsplit(")", 1)[1].split()[2])
+                fields = f.read().rsplit(")", 1)[1].split()
+            group, session, start = int(fields[2]), int(fields[3]), int(fields[19])
+            cwd = os.readlink(f"/proc/{name}/cwd")
         except (OSError, ValueError, IndexError):
             continue
-        if cwd == job_dir or cwd.startswith(job_dir + "/"):
+        if (cwd == job_dir or cwd.startswith(job_dir + "/")
+                or (since is not None and session == pgid and start >= since)):
             inside.append(int(name))
             groups.add(group)
     for pid in inside:
@@ -967,6 +1265,92 @@ class ActiveJob:
         timer.start()
 
 
+def check_callback_url(url, allowed):
+    """Refuse a callback URL unless it lies under one of the --callback-allow prefixes
+    (same scheme and host:port, path starting with the prefix's path)."""
+    if not allowed:
+        raise BadRequest("completion callbacks are not enabled on this jobd (--callback-allow)")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"callback must be an http(s) URL, not {url!r}")
+    if parts.scheme == "https" and not hasattr(http.client, "HTTPSConnection"):
+        raise BadRequest("this jobd has no TLS support; use an http:// callback")
+    for prefix in allowed:
+        allowed_parts = urlsplit(prefix)
+        if ((parts.scheme, parts.netloc.lower()) ==
+                (allowed_parts.scheme, allowed_parts.netloc.lower())
+                and parts.path.startswith(allowed_parts.path)):
+            return url
+    raise BadRequest(f"callback URL {url!r} is not under an allowed prefix (--callback-allow)")
+
+
+class Callbacks:
+    """Delivers completion callbacks: POSTs a finished job's status object to its URL,
+    signed with the token when one is set, retried with back-off until --callback-retry
+    has passed. It has its own thread, so a slow receiver never holds up a worker, and
+    its queue is in the store, so a callback pending at a stop is sent after the restart."""
+
+    def __init__(self, store, cfg, log):
+        self.store, self.cfg, self.log = store, cfg, log
+        self.wakeup = threading.Event()
+
+    def run(self, stopping):
+        while not stopping.is_set():
+            self.wakeup.wait(1.0)
+            self.wakeup.clear()
+            try:
+                for row in self.store.due_callbacks(time.time()):
+                    if stopping.is_set():
+                        break
+                    self.deliver(row)
+            except Exception:
+                self.log("callback error", level="error", error=traceback.format_exc())
+
+    def deliver(self, row):
+        job_id, body = row["job_id"], row["body"]
+        if body is None:  # built once, so every attempt sends (and signs) the same bytes
+            job = self.store.get(job_id)
+            if job is None:
+                return self.store.callback_done(job_id)
+            body = json.dumps(status_object(job), separators=COMPACT).encode()
+            self.store.callback_body(job_id, body)
+        headers = {"Content-Type": "application/json", "User-Agent": f"jobd/{__version__}",
+                   "X-Jobd-Job": job_id}
+        if self.cfg.token:
+            digest = hmac.new(self.cfg.token.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Jobd-Signature"] = f"sha256={digest}"
+        try:
+            status, error = post(row["url"], body, headers), None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            status, error = None, str(e) or type(e).__name__
+        if status is not None and 200 <= status < 300:
+            self.store.callback_done(job_id)
+            self.log("callback delivered", job=job_id, status=status, attempt=row["attempts"] + 1)
+        elif time.time() >= row["give_up_at"]:
+            self.store.callback_done(job_id)
+            self.log("callback abandoned", level="warning", job=job_id, status=status,
+                     error=error, attempts=row["attempts"] + 1)
+        else:
+            self.store.callback_done(job_id, retry_at=time.time() + min(300, 2 ** row["attempts"]))
+            self.log("callback failed", level="warning", job=job_id, status=status, error=error)
+
+
+def post(url, body, headers, timeout=10):
+    """POST body to url; the response status."""
+    parts = urlsplit(url)
+    connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                  else http.client.HTTPConnection)
+    conn = connection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     body, headers)
+        response = conn.getresponse()
+        response.read(64 * KiB)
+        return response.status
+    finally:
+        conn.close()
+
+
 class Runner:
     """Runs queued jobs on a fixed pool of worker threads.
 
@@ -975,9 +1359,13 @@ class Runner:
     group and records the result. A failure in one job never stops a worker.
     """
 
-    def __init__(self, store, cfg, log):
-        self.store, self.cfg, self.log = store, cfg, log
+    def __init__(self, store, cfg, log, metrics):
+        self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
+        self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
+        # Scripts without #! run with bash when the system has it: scripts written for
+        # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
+        self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
         self.stopping = threading.Event()
         self.wakeup = threading.Condition()
         self.generation = 0              # bumped by notify(), so no wake-up is ever lost
@@ -993,6 +1381,7 @@ class Runner:
         for number in range(self.cfg.workers):
             self._spawn(self.work, f"worker-{number}")
         self._spawn(self.sweep_loop, "janitor")
+        self._spawn(lambda: self.callbacks.run(self.stopping), "callbacks")
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1049,7 +1438,7 @@ class Runner:
     def run(self, job, active):
         job_id = job["id"]
         job_dir = self.store.job_dir(job_id)
-        self.log("job", id=job_id, status=RUNNING, attempt=job["attempts"])
+        self.log("job", job=job_id, status=RUNNING, attempt=job["attempts"])
         started = time.monotonic()
         try:
             self.store.discard(job_dir)  # what an interrupted attempt left
@@ -1059,23 +1448,25 @@ class Runner:
                 raise FileNotFoundError("the job's input is missing from the store")
             with source:
                 extract_input_zip(source, job_dir, self.cfg)
-            outcome = self.execute(job_id, job_dir, active)
+            outcome = self.execute(job_id, job_dir, active, job["timeout"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
         if outcome is None:  # jobd is stopping: run it again at the next start
             self.store.requeue(job_id, count_attempt=False)
             self.store.discard(job_dir)
-            self.log("job", id=job_id, status=QUEUED, reason="jobd stopping")
+            self.log("job", job=job_id, status=QUEUED, reason="jobd stopping")
             return
         status, message, exit_code = outcome
         self.finish(job_id, status, message, exit_code)
-        self.log("job", id=job_id, status=status, exit_code=exit_code,
+        self.metrics.job_finished(time.monotonic() - started)
+        self.log("job", job=job_id, status=status, exit_code=exit_code,
                  seconds=round(time.monotonic() - started, 3),
                  message=None if status == SUCCESS else message)
 
-    def execute(self, job_id, job_dir, active):
-        """Run run.sh to its end; (status, message, exit code), or None when jobd stops."""
-        argv = run_command(job_dir, self.env)
+    def execute(self, job_id, job_dir, active, timeout=None):
+        """Run run.sh to its end (or its time limit); (status, message, exit code), or
+        None when jobd stops."""
+        argv = run_command(job_dir, self.shell)
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
             for attempt in range(50):
@@ -1093,12 +1484,21 @@ class Runner:
                     return FAILED, f"could not start run.sh ({what}): {e.strerror}", None
         self.store.set_pgid(job_id, proc.pid)
         active.attach(proc, self.cfg.grace)
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, active.stop, ("timeout", self.cfg.grace))
+            timer.daemon = True
+            timer.start()
         code = proc.wait()
+        if timer is not None:
+            timer.cancel()
         self.end_group(proc.pid, active)
         if active.reason == "shutdown":
             return None
         if active.reason == "cancel":
             return CANCELLED, "job cancelled", None
+        if active.reason == "timeout":
+            return FAILED, f"job timed out after {timeout:g} s and was killed", None
         return describe_exit(code, os.path.join(job_dir, STDERR_FILE))
 
     def end_group(self, pgid, active):
@@ -1126,15 +1526,20 @@ class Runner:
             output.discard()
             if not self.cfg.debug:
                 self.store.discard(job_dir)
+            self.callbacks.wakeup.set()
 
     # -- cancel -----------------------------------------------------------------------
 
     def cancel(self, job_id, wait=0.0):
         """Cancel a queued or running job, waiting up to `wait` seconds for a running one
         to end; False if it had already finished (or is not known)."""
+        empty = self.store.spool()
+        empty.write(EMPTY_ZIP)
         with self.lock:
-            if self.finish(job_id, CANCELLED, "job cancelled before it started", was=QUEUED):
-                self.log("job", id=job_id, status=CANCELLED)
+            if self.store.finish(job_id, CANCELLED, "job cancelled before it started",
+                                 output=empty, was=QUEUED):
+                self.callbacks.wakeup.set()
+                self.log("job", job=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
         if active is None:
@@ -1147,7 +1552,7 @@ class Runner:
         """Cancel a job if needed, then remove its record and every file."""
         self.cancel(job_id, wait=self.cfg.grace + 5)
         self.store.remove(job_id)
-        self.log("job removed", id=job_id, reason="deleted")
+        self.log("job removed", job=job_id, reason="deleted")
 
     # -- restart and retention ----------------------------------------------------------
 
@@ -1157,16 +1562,16 @@ class Runner:
         for job in self.store.running_jobs():
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
-            killed = kill_leftovers(job["pgid"], job_dir)
+            killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
             self.store.discard(job_dir)
             if job["attempts"] >= MAX_ATTEMPTS:
                 message = (f"job was interrupted {job['attempts']} times "
                            "(jobd stopped while it ran); not run again")
                 self.finish(job_id, FAILED, message)
-                self.log("job", id=job_id, status=FAILED, message=message)
+                self.log("job", job=job_id, status=FAILED, message=message)
             else:
                 self.store.requeue(job_id, count_attempt=True)
-                self.log("job", id=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
+                self.log("job", job=job_id, status=QUEUED, reason="interrupted by a stop of jobd",
                          killed_processes=killed or None)
 
     def sweep_loop(self):
@@ -1181,7 +1586,7 @@ class Runner:
         """Remove finished jobs (record and files) older than the retention period."""
         for job_id in self.store.expired(time.time() - self.cfg.retention):
             self.store.remove(job_id)
-            self.log("job removed", id=job_id, reason="retention")
+            self.log("job removed", job=job_id, reason="retention")
 
 
 # ====================================================================================
@@ -1205,7 +1610,7 @@ class RequestBody:
             raise BadRequest("unsupported Transfer-Encoding")
         if not self.chunked:
             length = headers.get("Content-Length", "0").strip()
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise BadRequest(f"invalid Content-Length {length!r}")
             self.left = int(length)
             if self.left > limit:
@@ -1240,10 +1645,10 @@ class RequestBody:
 
     def _next_chunk(self):
         line = self.rfile.readline(1024)
-        try:
-            self.left = int(line.split(b";")[0].strip(), 16)
-        except ValueError:
-            raise BadRequest("malformed chunked body") from None
+        size = line.split(b";")[0].strip()
+        if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):  # int() takes "-2", "0x1", "1_0"
+            raise BadRequest("malformed chunked body")
+        self.left = int(size, 16)
         if self.left == 0:
             while self.rfile.readline(8 * KiB) not in (b"\r\n", b"\n", b""):
                 pass  # trailers are ignored
@@ -1499,6 +1904,500 @@ class UploadReader:
         return self.ESCAPES[code]
 
 
+# -- multipart/form-data (for the job-orchestrator's POST /submit) --------------------
+# A small, strict, streaming reader (RFC 7578, RFC 2046): part data is scanned with
+# bytes.find and written out as it arrives, so memory holds at most one read plus one
+# boundary, whatever the size of the parts. (The standard library's cgi module is gone.)
+# What it accepts is what job-orchestrator's server sends through reqwest's multipart
+# Form, read strictly:
+# - the body starts with "--boundary" (a preamble of at most max_header_bytes is skipped,
+#   as RFC 2046 allows); CRLF line endings only; a boundary line may end in spaces/tabs;
+# - a delimiter inside part data that is not followed by "--" or CRLF is an error, not
+#   data: RFC 2046 forbids the boundary inside parts, so such a body is corrupt or forged;
+# - each part has `Content-Disposition: form-data` with a name; values are quoted strings
+#   (backslash escapes, as reqwest writes filename="a\"b") or unquoted up to the next
+#   `; param=` (reqwest leaves ( ) ; = @ [ \ ] raw in `name*=utf-8''...`); name*= and
+#   filename*= are read only as utf-8''percent-encoded, and win over name= and filename=;
+# - folded lines, bare CR or LF, control characters, repeated headers or parameters are
+#   errors; a completely empty body is a form with no parts (what reqwest sends for an
+#   empty folder); the closing "--boundary--" is required, the epilogue is discarded.
+
+class MultipartError(BadRequest):
+    """The request body is not a well-formed multipart/form-data body."""
+
+
+class MissingBoundary(MultipartError):
+    """No usable boundary parameter, or the body does not start with the boundary."""
+
+
+class TruncatedBody(MultipartError):
+    """The body ended before the closing boundary."""
+
+
+class PartHeadersTooLarge(MultipartError):
+    """A part's header section (or the preamble) is larger than allowed."""
+
+
+class MalformedPart(MultipartError):
+    """A part's headers or a boundary line do not follow the grammar."""
+
+
+class TooManyParts(MultipartError):
+    """The body holds more parts than allowed."""
+
+
+HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+OPTIONAL_SPACE = re.compile(r"[ \t]*")
+QUOTED_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+PARAM_START = re.compile(r";[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+[ \t]*=")
+LAST_SEMICOLON = re.compile(r";[ \t]*\Z")
+UNQUOTED_VALUE = re.compile(r'[^\x00-\x20"\x7f]+')
+# RFC 2046 bchars; a space is allowed inside but not at the end.
+BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def parse_params(text, what):
+    """`; name=value` pairs (value quoted or not) as a dict with lower-case names."""
+    params = {}
+    i, end = 0, len(text)
+    while i < end:  # each turn consumes at least the ';'
+        i = OPTIONAL_SPACE.match(text, i).end()
+        if i == end:
+            break
+        if text[i] != ";":
+            raise MalformedPart(f"{what}: expected ';' at {text[i:i + 20]!r}")
+        i = OPTIONAL_SPACE.match(text, i + 1).end()
+        if i == end:
+            break  # a trailing ';' is harmless
+        match = HTTP_TOKEN.match(text, i)
+        if not match:
+            raise MalformedPart(f"{what}: bad parameter name at {text[i:i + 20]!r}")
+        name = match.group().lower()
+        i = OPTIONAL_SPACE.match(text, match.end()).end()
+        if i == end or text[i] != "=":
+            raise MalformedPart(f"{what}: parameter {name!r} has no value")
+        i = OPTIONAL_SPACE.match(text, i + 1).end()
+        if i < end and text[i] == '"':
+            match = QUOTED_STRING.match(text, i)
+            if not match:
+                raise MalformedPart(f"{what}: unterminated quoted value for {name!r}")
+            value, next_i = QUOTED_PAIR.sub(r"\1", match.group(1)), match.end()
+        else:
+            next_i = i  # unquoted: up to the next ';' that starts a parameter
+            while True:  # bounded: next_i grows
+                next_i = text.find(";", next_i)
+                if (next_i < 0 or PARAM_START.match(text, next_i)
+                        or LAST_SEMICOLON.match(text, next_i)):
+                    next_i = end if next_i < 0 else next_i
+                    break
+                next_i += 1
+            value = text[i:next_i].rstrip(" \t")
+            if not UNQUOTED_VALUE.fullmatch(value):
+                raise MalformedPart(f"{what}: bad value for {name!r} at {text[i:i + 20]!r}")
+        if name in params:
+            raise MalformedPart(f"{what}: parameter {name!r} given twice")
+        params[name] = value
+        i = next_i
+    return params
+
+
+def parse_boundary(content_type):
+    """The boundary (bytes) of a `multipart/form-data; boundary=...` Content-Type."""
+    if not content_type:
+        raise MissingBoundary("no Content-Type: expected multipart/form-data; boundary=...")
+    media_type, sep, rest = content_type.partition(";")
+    if media_type.strip().lower() != "multipart/form-data":
+        raise MissingBoundary(f"Content-Type is {media_type.strip()!r}, "
+                              "not multipart/form-data")
+    try:
+        params = parse_params(sep + rest, "Content-Type")
+    except MalformedPart as e:
+        raise MissingBoundary(e.message) from None
+    boundary = params.get("boundary")
+    if boundary is None:
+        raise MissingBoundary("Content-Type multipart/form-data has no boundary parameter")
+    if not BOUNDARY.fullmatch(boundary):
+        raise MissingBoundary(f"invalid boundary {boundary[:80]!r}: "
+                              "1 to 70 of the characters RFC 2046 allows")
+    return boundary.encode("ascii")
+
+
+def ext_value(value, what):
+    """Decode an RFC 8187 ext-value; only UTF-8 (reqwest sends utf-8''...)."""
+    charset, quote1, rest = value.partition("'")
+    _language, quote2, encoded = rest.partition("'")
+    if not (quote1 and quote2):
+        raise MalformedPart(f"{what}: expected charset'language'value, got {value[:80]!r}")
+    if charset.lower() != "utf-8":
+        raise MalformedPart(f"{what}: charset {charset!r} is not supported, only UTF-8")
+    try:
+        return unquote(encoded, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedPart(f"{what}: percent-encoded value is not UTF-8") from None
+
+
+def parse_disposition(value):
+    """(name, filename) of a `form-data` Content-Disposition; filename None when absent."""
+    kind, sep, rest = value.partition(";")
+    if kind.strip().lower() != "form-data":
+        raise MalformedPart(f"Content-Disposition is {kind.strip()!r}, not form-data")
+    params = parse_params(sep + rest, "Content-Disposition")
+    found = {}
+    for key in ("name", "filename"):
+        if key + "*" in params:  # the extended form wins (RFC 6266 section 4.3)
+            found[key] = ext_value(params[key + "*"], f"Content-Disposition {key}*")
+        else:
+            found[key] = params.get(key)
+    if found["name"] is None:
+        raise MalformedPart("Content-Disposition form-data has no name (RFC 7578 section 4.2)")
+    return found["name"], found["filename"]
+
+
+def parse_part_headers(raw):
+    """A part's header block (without the blank line) as {lower-case name: value}."""
+    headers = {}
+    for line in raw.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            raise MalformedPart("bare CR or LF in part headers")
+        if line[:1] in (b" ", b"\t"):
+            raise MalformedPart("folded header lines are not allowed")
+        name, colon, value = line.partition(b":")
+        if not colon or not HTTP_TOKEN.fullmatch(name.decode("latin-1")):
+            raise MalformedPart(f"malformed part header line {line[:80]!r}")
+        try:
+            text = value.strip(b" \t").decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPart(f"part header {name[:40]!r} is not UTF-8") from None
+        if CONTROL_CHARS.search(text):
+            raise MalformedPart(f"control character in part header {name[:40]!r}")
+        key = name.decode("ascii").lower()
+        if key in headers:
+            raise MalformedPart(f"part header {key!r} given twice")
+        headers[key] = text
+    if "content-disposition" not in headers:
+        raise MalformedPart("part without a Content-Disposition header")
+    return headers
+
+
+class BodyBuffer:
+    """The body read so far: `buf[pos:]` are the bytes read but not consumed yet."""
+
+    def __init__(self, body, chunk_size):
+        self.body, self.chunk_size = body, chunk_size
+        self.buf, self.pos, self.total, self.eof = b"", 0, 0, False
+
+    def more(self):
+        """Read one more chunk onto the buffer; False at the end of the body."""
+        if self.eof:
+            return False
+        data = self.body.read(self.chunk_size)
+        if not data:
+            self.eof = True
+            return False
+        self.total += len(data)
+        # Only the unconsumed tail is copied: at most a boundary, or a header block.
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+        return True
+
+    def available(self):
+        return len(self.buf) - self.pos
+
+
+def after_delimiter(src, cap):
+    """Consume what follows a boundary: True for the closing '--', False when a part follows."""
+    while src.available() < 2:
+        if not src.more():
+            raise TruncatedBody("the body ends right after a boundary, before the closing '--'")
+    if src.buf.startswith(b"--", src.pos):
+        src.pos += 2
+        return True
+    while True:  # transport padding (spaces, tabs) then CRLF; bounded by cap
+        i = src.buf.find(b"\r\n", src.pos)
+        padding = src.buf[src.pos:i if i >= 0 else len(src.buf)]
+        if i < 0 and padding.endswith(b"\r"):
+            padding = padding[:-1]
+        if padding.strip(b" \t"):
+            raise MalformedPart(f"a boundary is followed by {padding[:40]!r}, not CRLF or '--'"
+                                " (the boundary string must not occur inside part data)")
+        if i >= 0:
+            src.pos = i + 2
+            return False
+        if src.available() > cap:
+            raise PartHeadersTooLarge(f"more than {cap} bytes of padding after a boundary")
+        if not src.more():
+            raise TruncatedBody("the body ends inside a boundary line")
+
+
+def read_part_headers(src, cap):
+    """Consume a part's header section; return it without the final blank line."""
+    scanned = 0  # bytes after src.pos known to hold no start of CRLFCRLF
+    while True:
+        if src.available() >= 2 and src.buf.startswith(b"\r\n", src.pos):
+            src.pos += 2
+            return b""
+        i = src.buf.find(b"\r\n\r\n", src.pos + scanned)
+        if i >= 0:
+            raw = src.buf[src.pos:i]
+            if len(raw) > cap:
+                break
+            src.pos = i + 4
+            return raw
+        if src.available() > cap:
+            break
+        scanned = max(0, src.available() - 3)
+        if not src.more():
+            raise TruncatedBody("the body ends inside a part's headers")
+    raise PartHeadersTooLarge(f"a part's header section is larger than {cap} bytes")
+
+
+def copy_part_data(src, delimiter, out):
+    """Write part data to `out` (or drop it when None) up to and past the next delimiter."""
+    keep = len(delimiter) - 1  # a delimiter may straddle two reads
+    while True:
+        i = src.buf.find(delimiter, src.pos)
+        if i >= 0:
+            if out is not None and i > src.pos:
+                out.write(memoryview(src.buf)[src.pos:i])
+            src.pos = i + len(delimiter)
+            return
+        safe = len(src.buf) - keep
+        if safe > src.pos:
+            if out is not None:
+                out.write(memoryview(src.buf)[src.pos:safe])
+            src.pos = safe
+        if not src.more():
+            raise TruncatedBody("the body ends inside a part: no closing boundary")
+
+
+def read_multipart(body, boundary, open_part, *, max_header_bytes=16 * KiB, max_parts=10000,
+                   chunk_size=64 * KiB):
+    """Stream a multipart/form-data body part by part; return the number of parts.
+
+    `body.read(n)` returns up to n bytes and b"" where the request body ends (a
+    RequestBody); the body is read to its end. For each part, `open_part(headers, name,
+    filename)` gets its headers (lower-case names), field name and filename (None when
+    absent; not yet made safe: see safe_basename) and returns a binary file, or None to
+    skip the part. The data is written to it as it arrives; it is closed when the part
+    ends or the body turns out malformed. Raises a MultipartError for a malformed body.
+    """
+    if not isinstance(boundary, bytes) or not BOUNDARY.fullmatch(boundary.decode("latin-1")):
+        raise MissingBoundary(f"invalid boundary {boundary!r}")
+    if chunk_size < 1 or max_header_bytes < 1 or max_parts < 0:
+        raise ValueError("chunk_size and max_header_bytes must be positive, max_parts >= 0")
+    src = BodyBuffer(body, chunk_size)
+    dash_boundary = b"--" + boundary
+    delimiter = b"\r\n" + dash_boundary
+
+    while True:  # the opening boundary, after an optional (small) preamble
+        if src.available() >= len(dash_boundary) and src.buf.startswith(dash_boundary):
+            src.pos = len(dash_boundary)
+            break
+        i = src.buf.find(delimiter)
+        if i >= 0:
+            src.pos = i + len(delimiter)
+            break
+        if src.available() > max_header_bytes + len(delimiter):
+            raise MissingBoundary(f"no opening boundary in the first {max_header_bytes} bytes")
+        if not src.more():
+            if src.total == 0:
+                return 0  # an empty form
+            if dash_boundary.startswith(src.buf):
+                raise TruncatedBody("the body ends inside the opening boundary")
+            raise MissingBoundary("the body does not start with the boundary")
+
+    parts = 0
+    while not after_delimiter(src, max_header_bytes):  # bounded: each part consumes input
+        parts += 1
+        if parts > max_parts:
+            raise TooManyParts(f"more than {max_parts} parts")
+        headers = parse_part_headers(read_part_headers(src, max_header_bytes))
+        name, filename = parse_disposition(headers["content-disposition"])
+        out = open_part(headers, name, filename)
+        try:
+            copy_part_data(src, delimiter, out)
+        finally:
+            if out is not None:
+                out.close()
+    src.buf, src.pos = b"", 0
+    while src.more():  # the epilogue; bounded by the body's length
+        src.buf, src.pos = b"", 0
+    return parts
+
+
+def safe_basename(filename):
+    """The last path component of an uploaded file name, or ValueError.
+
+    The orchestrator sends each file with its basename as filename (the relative path is
+    the field name) and its own client saves it as <job dir>/<basename>; so a name is cut
+    after its last '/', and after its last '\\' too (Windows clients send C:\\dir\\run.sh,
+    and a '\\' kept in a name becomes a separator when a Windows tool unpacks the result).
+    Refused: '', '.', '..', control characters, invalid Unicode, more than 255 bytes.
+    """
+    if not isinstance(filename, str):
+        raise ValueError("file name must be a string")
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise ValueError(f"file name {filename[:80]!r} has no usable last component")
+    if CONTROL_CHARS.search(name) or "\t" in name:
+        raise ValueError(f"file name {filename[:80]!r} contains a control character")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"file name {filename[:80]!r} is not valid Unicode") from None
+    if size > 255:
+        raise ValueError(f"file name is {size} bytes long; at most 255 are allowed")
+    return name
+
+
+# ====================================================================================
+# HTTP: the job-orchestrator client protocol
+# ====================================================================================
+# rvhonorato/job-orchestrator's server mode dispatches jobs to a "client" in each
+# container: POST /submit (multipart, one part per file), GET /retrieve/{id} every
+# 500 ms, GET /retrieve_partial/{id}, POST /kill/{id}. jobd speaks that protocol beside
+# its own APIs, on the same store. The mapping of our states follows from what the
+# server does with the answers (../shared/spec/job-orchestrator-client.md; README:
+# "Using jobd with job-orchestrator"):
+# - only exactly 200 with application/zip counts as done, so success is answered only
+#   as the zip of the job folder (a JSON "Completed" would make its download fail);
+# - any other 2xx must be a Payload whose status it copies: waiting and running jobs are
+#   "Running" ("Queued" makes it send the job again; "Prepared" is not counted against
+#   its run limits, and older servers stop polling it);
+# - errors, 404 included, are polled again forever: so an id that jobd issued and no
+#   longer holds (retention, a wiped store) is "Cleaned", and only an id never issued
+#   is 404.
+# The orchestrator's id for a job is a number jobd issues (Store.issue_orchestrator_id);
+# the same job is the jobd job whose id is that number in decimal, for the other APIs.
+
+ZIP_TYPE = "application/zip"
+ORCH_STATUS = {QUEUED: "Running", RUNNING: "Running", FAILED: "Failed", CANCELLED: "Killed"}
+ORCH_STATUSES = ("Prepared", "Running", "Completed", "Failed", "Invalid", "Killed", "Cleaned",
+                 "Unknown")
+# The routes that touch jobs; with a token set they need it (Handler.authorize).
+ORCH_GUARDED = re.compile(r"/(submit|retrieve|retrieve_partial|kill)(/.*)?")
+
+
+def orchestrator_payload(number, status, loc="", pid=0, killed=False):
+    """The orchestrator's Payload: every key is required by its server."""
+    return {"id": number, "input": {}, "status": status, "loc": loc, "pid": pid,
+            "killed": killed}
+
+
+def orchestrator_status(job):
+    """The Payload status of a job submitted through the protocol (success is the zip)."""
+    if job["refused"]:
+        return "Invalid"
+    return ORCH_STATUS.get(job["status"], "Failed" if job["status"] in FINISHED else "Running")
+
+
+def basic_credentials(value):
+    """The user and the password of a Basic Authorization value; () if it is malformed."""
+    try:
+        text = base64.b64decode(value.strip(), validate=True).decode()
+        user, colon, password = text.partition(":")
+    except (binascii.Error, ValueError):
+        return ()
+    return (user, password) if colon else (user,)
+
+
+def parse_orchestrator_id(text):
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= ORCH_ID_MAX:
+        raise BadRequest(f"invalid job id {text[:40]!r}: a number from 1 to {ORCH_ID_MAX}")
+    return int(text)
+
+
+def create_orchestrator_job(store, create):
+    """Issue an orchestrator id and create its job with create(job id); the number."""
+    for _ in range(100):
+        number = store.issue_orchestrator_id()
+        try:
+            create(str(number))
+            return number
+        except Conflict:
+            continue  # an upload through another API took that id meanwhile
+    raise JobdError("could not find a free job id")
+
+
+class Submission:
+    """The files of one POST /submit, written into a staging folder as they arrive.
+
+    As the orchestrator's own client does, parts without a filename are skipped and a
+    file is saved under the basename of its filename (sub-folders flattened); the last
+    of files with the same name wins. An unsafe name refuses the whole submission (it
+    is answered Invalid, like one without run.sh).
+    """
+
+    def __init__(self, folder, log):
+        self.folder, self.log = folder, log
+        self.names = []
+        self.refusal = None
+
+    def open_part(self, headers, field, filename):
+        if filename is None or self.refusal:
+            return None
+        try:
+            name = safe_basename(filename)
+        except ValueError as e:
+            self.refusal = f"unsafe file name in the submission: {e}"
+            return None
+        if name in self.names:
+            self.log("submission duplicate file", name=name, field=field, kept="last")
+            self.names.remove(name)
+        self.names.append(name)
+        fd = os.open(os.path.join(self.folder, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        return open(fd, "wb")
+
+    def problem(self):
+        """Why the submission is refused, or None."""
+        if self.refusal:
+            return self.refusal
+        if not self.names:
+            return "the submission holds no files"
+        if RUN_SH not in self.names:
+            return "the submission has no run.sh"
+        return None
+
+
+class CpuMeter:
+    """The machine's CPU use in percent (for GET /load), from /proc/stat: over the time
+    since the previous reading when that is recent, else over a new 0.1 s window."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last = None   # (monotonic time, busy ticks, all ticks) of the previous reading
+        self.value = 0.0
+
+    @staticmethod
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(field) for field in f.readline().split()[1:9]]
+        idle = ticks[3] + ticks[4]  # idle and iowait
+        return time.monotonic(), sum(ticks) - idle, sum(ticks)
+
+    def percent(self):
+        try:
+            with self.lock:
+                now = self.sample()
+                if self.last is None or now[0] - self.last[0] > 10:
+                    self.last = now
+                    time.sleep(0.1)
+                    now = self.sample()
+                busy, total = now[1] - self.last[1], now[2] - self.last[2]
+                if total > 0:  # else too soon after the previous reading: repeat it
+                    self.value = round(100.0 * busy / total, 1)
+                    self.last = now
+                return self.value
+        except (OSError, ValueError, IndexError):  # no /proc: the load average instead
+            try:
+                return min(100.0, round(100.0 * os.getloadavg()[0] / (os.cpu_count() or 1), 1))
+            except OSError:
+                return 0.0
+
+
 # ====================================================================================
 # HTTP: the job object and the handler
 # ====================================================================================
@@ -1600,8 +2499,221 @@ ROUTES = [
     (r"/api/jobs/(?P<job_id>[^/]+)/output", {"GET": "job_output"}),
     (r"/api/jobs/(?P<job_id>[^/]+)/logs/(?P<stream>stdout|stderr)", {"GET": "job_log"}),
     (r"/api/jobs/(?P<job_id>[^/]+)/cancel", {"POST": "cancel_job"}),
+    (r"/api/openapi\.json", {"GET": "openapi"}),
+    (r"/healthz", {"GET": "healthz"}),
+    (r"/metrics", {"GET": "metrics"}),
+    # the job-orchestrator client protocol
+    (r"/submit", {"POST": "orch_submit"}),
+    (r"/retrieve/(?P<number>[^/]+)", {"GET": "orch_retrieve"}),
+    (r"/retrieve_partial/(?P<number>[^/]+)", {"GET": "orch_retrieve_partial"}),
+    (r"/kill/(?P<number>[^/]+)", {"POST": "orch_kill"}),
+    (r"/load", {"GET": "orch_load"}),
+    (r"/health", {"GET": "orch_health"}),
+    (r"/", {"GET": "orch_ping"}),
 ]
 COMPILED_ROUTES = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
+
+
+def openapi_document():
+    """The OpenAPI 3 description of the API: every route above, with its bodies."""
+    def ref(name):
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def json_body(schema):
+        return {"content": {"application/json": {"schema": schema}}}
+
+    def answers(**codes):
+        """{"200": ...}: each code maps to a schema name, a full response, or a description."""
+        result = {}
+        for code, what in codes.items():
+            code = code.lstrip("_")
+            if isinstance(what, dict):
+                result[code] = what
+            elif what in SCHEMAS:
+                result[code] = {"description": what, **json_body(ref(what))}
+            else:
+                result[code] = {"description": what}
+        return result
+
+    def errors(*codes):
+        return {f"_{code}": {"description": HTTPStatus(code).phrase, **json_body(ref("Error"))}
+                for code in (401,) + codes}
+
+    def operation(name, summary, responses, body=None, parameters=()):
+        op = {"operationId": name, "summary": summary, "responses": responses,
+              "parameters": list(parameters)}
+        if body:
+            op["requestBody"] = {"required": True, "content": body}
+        return op
+
+    def created(schema):
+        """A 201 answer, linked to the operations that take the new job's id."""
+        targets = ["getJob", "getStatus", "getOutput", "getLog", "cancelJob", "deleteJob"]
+        return {"description": "accepted", **json_body(ref(schema)),
+                "links": {target: {"operationId": target,
+                                   "parameters": {"id": "$response.body#/ID"}}
+                          for target in targets}}
+
+    job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "job id: [A-Za-z0-9][A-Za-z0-9._-]*, at most 128 characters"}
+    zip_body = {kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("application/zip", "application/octet-stream")}
+    zip_answer = {"description": "the result zip",
+                  "content": {"application/zip": {"schema": {"type": "string",
+                                                             "format": "binary"}}}}
+    text_answer = {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    number = {"name": "number", "in": "path", "required": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": ORCH_ID_MAX},
+              "description": "the job's number, as jobd answered it to POST /submit"}
+    orchestrator_security = [{"token": []}, {"basic": []}, {}]
+    job_options = [
+        {"name": "X-Jobd-Timeout", "in": "header", "required": False,
+         "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+         "description": "time limit in seconds (capped by --max-timeout)"},
+        {"name": "X-Jobd-Callback", "in": "header", "required": False,
+         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
+    paths = {
+        "/api/upload": {"post": operation(
+            "upload", "Submit a job, Go style: the zip as base64 inside JSON",
+            answers(_201=created("Job"), **errors(400, 409, 413, 429)),
+            {"application/json": {"schema": ref("Upload"), "example": {
+                "id": "example", "input": base64.b64encode(EXAMPLE_ZIP).decode()}}})},
+        "/api/get/{id}": {"get": operation(
+            "getJob", "A job with its output (base64 zip), Go style",
+            answers(_200="Job", _206="Job", _202="Error", **errors(404)), None, [job_id])},
+        "/api/jobs": {
+            "get": operation("listJobs", "List jobs, newest first",
+                             answers(_200="JobList", **errors(400)),
+                             None, [
+                                 {"name": "status", "in": "query", "required": False,
+                                  "schema": {"type": "string"},
+                                  "description": "state(s), comma-separated"},
+                                 {"name": "limit", "in": "query", "required": False,
+                                  "schema": {"type": "integer", "minimum": 1,
+                                             "maximum": LIST_LIMIT}},
+                                 {"name": "cursor", "in": "query", "required": False,
+                                  "schema": {"type": "string"}}]),
+            "post": operation("postJob", "Submit a zip; jobd picks the id",
+                              answers(_201=created("Status"), **errors(400, 413, 429)),
+                              zip_body, job_options)},
+        "/api/jobs/{id}": {
+            "get": operation("getStatus", "A job's status", answers(_200="Status", **errors(404)),
+                             None, [job_id]),
+            "put": operation("putJob", "Submit a zip under this id",
+                             answers(_201=created("Status"), **errors(400, 409, 413, 429)),
+                             zip_body, [job_id] + job_options),
+            "delete": operation("deleteJob", "Cancel if needed, then remove the job and its files",
+                                answers(_204="removed", **errors(404)), None, [job_id])},
+        "/api/jobs/{id}/output": {"get": operation(
+            "getOutput", "The result zip (Range, If-Range, If-None-Match honoured)",
+            answers(_200=zip_answer, _206=zip_answer, _202="Status", _304="not modified",
+                    **errors(404, 416)), None, [job_id])},
+        "/api/jobs/{id}/logs/{stream}": {"get": operation(
+            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job ends",
+            answers(_200=text_answer, **errors(404)), None, [
+                job_id, {"name": "stream", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
+                {"name": "follow", "in": "query", "required": False,
+                 "schema": {"type": "string", "enum": ["0", "1"]}}])},
+        "/api/jobs/{id}/cancel": {"post": operation(
+            "cancelJob", "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
+            [job_id])},
+        "/api/openapi.json": {"get": operation("openapi", "This document", answers(
+            _200={"description": "OpenAPI 3", **json_body({"type": "object"})}, **errors()))},
+        "/healthz": {"get": operation("health", "Health (never behind the token)",
+                                      answers(_200="Health", _503="Health"))},
+        "/metrics": {"get": operation("metrics", "Prometheus metrics", answers(
+            _200={"description": "text exposition format",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}, **errors()))},
+        # The job-orchestrator client protocol: see its section for why it answers so.
+        "/submit": {"post": dict(operation(
+            "orchestratorSubmit", "job-orchestrator: a job's files, one part per file",
+            answers(_200="Payload", **errors(400, 413, 429)),
+            {"multipart/form-data": {"schema": {
+                "type": "object", "additionalProperties": dict(_STRING, format="binary")}}}),
+            security=orchestrator_security)},
+        "/retrieve/{number}": {"get": dict(operation(
+            "orchestratorRetrieve", "job-orchestrator: the result zip, else the job's state",
+            answers(_200={"description": "the zip once the job succeeded, else its Payload",
+                          "content": {**zip_answer["content"],
+                                      **json_body(ref("Payload"))["content"]}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/retrieve_partial/{number}": {"get": dict(operation(
+            "orchestratorPartial", "job-orchestrator: a zip of the job folder as it is now",
+            answers(_200=zip_answer, _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/kill/{number}": {"post": dict(operation(
+            "orchestratorKill", "job-orchestrator: cancel a job (empty answer)",
+            answers(_200={"description": "stopped, or nothing left to stop",
+                          "content": {"text/plain": {"schema": dict(_STRING, maxLength=0)}}},
+                    _404="Payload", **errors(400)), None, [number]),
+            security=orchestrator_security)},
+        "/load": {"get": operation("orchestratorLoad", "CPU use of the machine in percent",
+                                   answers(_200={"description": "percent", **json_body(
+                                       {"type": "number", "minimum": 0, "maximum": 100})}))},
+        "/health": {"get": operation("orchestratorHealth", "Health, as job-orchestrator's",
+                                     answers(_200="OrchestratorHealth",
+                                             _503="OrchestratorHealth"))},
+        "/": {"get": operation("orchestratorPing", "pong", answers(_200={
+            "description": "pong", **json_body(_object({"message": _STRING}))}))},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "jobd", "version": __version__,
+                     "description": "A job daemon: submit a zip holding run.sh, get a zip back."},
+            "paths": paths,
+            "components": {"schemas": SCHEMAS,
+                           "securitySchemes": {"token": {"type": "http", "scheme": "bearer"},
+                                               "basic": {"type": "http", "scheme": "basic"}}},
+            "security": [{"token": []}, {}]}
+
+
+def _example_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("run.sh", "echo hello from jobd\n")
+    return buf.getvalue()
+
+
+EXAMPLE_ZIP = _example_zip()
+
+
+def _object(properties, required=None):
+    return {"type": "object", "properties": properties,
+            "required": list(properties) if required is None else required}
+
+
+_STRING, _BOOL = {"type": "string"}, {"type": "boolean"}
+_INT, _TIME = {"type": "integer"}, {"type": "string", "format": "date-time"}
+_NULL_INT, _NULL_TIME = dict(_INT, nullable=True), dict(_TIME, nullable=True)
+_STATE = {"type": "string", "enum": list(STATES)}
+SCHEMAS = {
+    "Upload": _object({"id": _STRING, "input": dict(_STRING, format="byte"), "slurml": _BOOL,
+                       "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                       "callback": _STRING}, required=["id", "input"]),
+    "Job": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                    "Input": _STRING, "Output": _STRING, "Message": _STRING, "SlurmID": _INT,
+                    "Slurml": _BOOL, "ExitCode": _NULL_INT}),
+    "Status": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
+                       "Message": _STRING, "SlurmID": _INT, "Slurml": _BOOL,
+                       "ExitCode": _NULL_INT, "CreatedAt": _NULL_TIME, "StartedAt": _NULL_TIME,
+                       "FinishedAt": _NULL_TIME, "InputBytes": _INT,
+                       "OutputBytes": _NULL_INT}),
+    "JobList": _object({"Jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Status"}},
+                        "Next": dict(_STRING, nullable=True)}),
+    "Error": _object({"error": _STRING, "message": _STRING, "status": _INT}),
+    "Health": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                       "version": _STRING, "uptime_seconds": {"type": "number"},
+                       "queued": _INT, "running": _INT, "data_free_bytes": _NULL_INT,
+                       "database": _STRING, "data_dir": _STRING}),
+    "Payload": _object({"id": {"type": "integer", "minimum": 0, "maximum": ORCH_ID_MAX},
+                        "input": {"type": "object"}, "status": {"type": "string",
+                                                                "enum": list(ORCH_STATUSES)},
+                        "loc": _STRING, "pid": {"type": "integer", "minimum": 0},
+                        "killed": _BOOL}),
+    "OrchestratorHealth": _object({"status": {"type": "string", "enum": ["ok", "error"]},
+                                   "database": _STRING}),
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1626,7 +2738,7 @@ class Handler(BaseHTTPRequestHandler):
         """http.server's request parsing, stricter and leaner: HTTP/1.0 and 1.1 only,
         headers through read_headers(). False (after answering) when the request is bad."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self.status, self.body, self.headers = None, None, Headers()
+        self.status, self.body, self.headers, self.sent = None, None, Headers(), 0
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if not words:
@@ -1654,7 +2766,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a too large body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.app.cfg.max_upload:
+        if length.isascii() and length.isdigit() and int(length) > self.app.cfg.max_upload:
             self.send_failure(PayloadTooLarge(f"request body of {length} bytes is larger than "
                                               f"the limit of {self.app.cfg.max_upload} bytes"))
             return False
@@ -1681,6 +2793,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self):
         self.dispatch("OPTIONS")
 
+    def __getattr__(self, name):
+        """Any other method (TRACE, PROPFIND...) is routed too: 405 on a known path."""
+        if name.startswith("do_") and name[3:].isalpha():
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
+
     # -- dispatch ---------------------------------------------------------------------
 
     def dispatch(self, method):
@@ -1688,6 +2806,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         try:
+            self.authorize(url.path)
             name, params = self.route(method, url.path)
             getattr(self, name)(**params)
         except JobdError as e:
@@ -1705,9 +2824,31 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             self.finish_body()
+            self.app.metrics.request(self.status, self.body.received if self.body else 0,
+                                     self.sent)
             self.app.log("http", method=method, path=url.path, status=self.status,
                          ms=round((time.monotonic() - started) * 1000, 1),
-                         client=self.client_address[0] if self.client_address else None)
+                         client=self.client_address[0].removeprefix("::ffff:")
+                         if self.client_address else None)
+
+    def authorize(self, path):
+        """With a token configured, /api/ (and /metrics unless public) need the bearer
+        token, and so do the job-orchestrator routes that touch jobs; those also take it as
+        the user or password of Basic auth, which the orchestrator sends for a URL such as
+        http://jobd:TOKEN@host/submit (it cannot send other headers). Compared in constant
+        time."""
+        token = self.app.cfg.token
+        orchestrator = ORCH_GUARDED.fullmatch(path) is not None
+        if not token or not (path.startswith("/api/") or path == "/api" or orchestrator or
+                             (path == "/metrics" and not self.app.cfg.metrics_public)):
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        offered = [given.strip()] if scheme.lower() == "bearer" else []
+        if orchestrator and scheme.lower() == "basic":
+            offered = [part for part in basic_credentials(given) if part]
+        if not any(hmac.compare_digest(value.encode(), token.encode()) for value in offered):
+            raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
+                               **{"WWW-Authenticate": "Bearer"})
 
     def route(self, method, path):
         for pattern, methods in COMPILED_ROUTES:
@@ -1755,6 +2896,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Transfer-Encoding", "chunked")
             else:
                 self.send_header("Content-Length", str(length))
+                self.sent = length
         for name, value in headers:
             self.send_header(name, value)
         if self.close_connection:
@@ -1771,8 +2913,25 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status, obj, headers=()):
         self.send_bytes(status, json.dumps(obj, separators=COMPACT).encode(), headers=headers)
 
+    def send_file(self, f, first, count):
+        """Copy `count` bytes of f from `first` to the client: by sendfile(2) for a real
+        file (no copy through Python), else in blocks."""
+        try:
+            f.fileno()
+        except (AttributeError, OSError, ValueError):
+            f.seek(first)
+            while count > 0:
+                block = f.read(min(CHUNK, count))
+                if not block:
+                    raise ConnectionError("the file ended early")
+                self.wfile.write(block)
+                count -= len(block)
+            return
+        self.connection.sendfile(f, first, count)
+
     def send_failure(self, error):
-        if error.status >= 400 and not self.body_read():
+        # (http.server's own refusals come before self.body exists, and close anyway)
+        if error.status >= 400 and not self.close_connection and not self.body_read():
             self.close_connection = True  # the unread body would be taken as the next request
         body = {"error": error.code, "message": error.message, "status": error.status}
         self.send_json(error.status, body, headers=tuple(error.headers.items()))
@@ -1813,13 +2972,34 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
             if slurml:
                 raise BadRequest("slurml jobs are not supported by this jobd")
+            options = self.job_options(fields.get("timeout"), fields.get("callback"))
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
+
+    def job_options(self, timeout, callback):
+        """A job's validated options: its time limit (its own, else the server's default,
+        capped by --max-timeout) and its callback URL."""
+        cfg = self.app.cfg
+        if timeout is not None:
+            if isinstance(timeout, str):
+                try:
+                    timeout = float(timeout)
+                except ValueError:
+                    raise BadRequest(f"timeout must be a number of seconds, not {timeout!r}")
+            if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                    or not 0 < timeout < float("inf")):
+                raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
+        timeout = timeout or cfg.timeout
+        if cfg.max_timeout:
+            timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
+        if callback is not None:
+            check_callback_url(callback, cfg.callback_allow)
+        return {"timeout": timeout, "callback": callback}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -1872,6 +3052,8 @@ class Handler(BaseHTTPRequestHandler):
     def accept_zip(self, job_id):
         """Stream the body to the store's spool, validate it like /api/upload, store it."""
         app = self.app
+        options = self.job_options(self.headers.get("X-Jobd-Timeout"),
+                                   self.headers.get("X-Jobd-Callback"))
         spool = app.store.spool()
         try:
             body = self.request_body()
@@ -1881,7 +3063,7 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 spool.write(chunk)
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
@@ -1944,7 +3126,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_head(206 if span else 200, "application/zip", last - first + 1, headers)
             self.end_headers()
             if self.command != "HEAD" and size:
-                self.connection.sendfile(output, first, last - first + 1)
+                self.send_file(output, first, last - first + 1)
 
     def open_log(self, job, name):
         """(file, size) of a job's stdout/stderr so far: from the job directory while it
@@ -1979,7 +3161,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if not follow:
                 if f is not None and size:
-                    self.connection.sendfile(f, 0, size)
+                    self.send_file(f, 0, size)
                 return
             self.follow_log(job, name, f)
 
@@ -1992,6 +3174,7 @@ class Handler(BaseHTTPRequestHandler):
                 data = f.read(64 * KiB) if f is not None else b""
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.sent += len(data)
                     continue
                 if job["status"] in FINISHED or self.client_gone(0.1):
                     break
@@ -2027,6 +3210,174 @@ class Handler(BaseHTTPRequestHandler):
         self.app.runner.delete(job_id)
         self.send_bytes(204, b"", content_type="text/plain")
 
+    # -- the job-orchestrator client protocol (its section above says why) -----------------
+
+    def orch_submit(self):
+        """POST /submit: one multipart part per file -> 200 and a Payload "Prepared", or
+        "Invalid" for refused content; 400 (no job) for a body that is not multipart."""
+        app = self.app
+        staging = tempfile.mkdtemp(dir=app.store.dirs["tmp"])
+        spool = app.store.spool()
+        try:
+            submission = Submission(staging, app.log)
+            try:
+                boundary = parse_boundary(self.headers.get("Content-Type"))
+                read_multipart(self.request_body(), boundary, submission.open_part,
+                               max_parts=app.cfg.max_entries)
+            except JobdError:
+                self.close_connection = True  # what follows in the stream is not trusted
+                raise
+            problem = submission.problem()
+            if problem is None:
+                write_result_zip(staging, spool)
+                try:
+                    check_input_zip(spool, app.cfg)
+                except BadRequest as e:
+                    problem = e.message
+            if problem is None:
+                options = self.job_options(None, None)  # the server's time limit, if any
+                number = create_orchestrator_job(
+                    app.store, lambda job_id: app.store.add(job_id, spool, **options))
+                app.store.mark_orchestrator(str(number))
+                app.runner.notify()
+                status = "Prepared"
+            else:
+                number = create_orchestrator_job(
+                    app.store, lambda job_id: app.store.add_refused(job_id, problem))
+                status = "Invalid"
+        finally:
+            spool.discard()
+            shutil.rmtree(staging, ignore_errors=True)
+        app.log("submission", job=str(number), status=status, files=len(submission.names),
+                message=problem)
+        loc = app.store.job_dir(str(number))
+        self.send_json(200, orchestrator_payload(number, status, loc))
+
+    def orchestrator_job(self, number):
+        """The job submitted through the protocol under this number, or None."""
+        job = self.app.store.get(str(number))
+        return job if job is not None and job["orchestrator"] else None
+
+    def send_not_held(self, number):
+        """For a number with no job: 200 "Cleaned" if jobd issued it, else 404."""
+        if number <= self.app.store.last_orchestrator_id():
+            self.send_json(200, orchestrator_payload(number, "Cleaned"))
+        else:
+            self.send_json(404, orchestrator_payload(0, "Unknown"))
+
+    def send_zip(self, f, size):
+        self.send_head(200, ZIP_TYPE, size)
+        self.end_headers()
+        if self.command != "HEAD":
+            shutil.copyfileobj(f, self.wfile, CHUNK)
+
+    def orch_retrieve(self, number):
+        """GET /retrieve/{id}: the zip of the job folder once it succeeded, else a Payload."""
+        number = parse_orchestrator_id(number)
+        job = self.orchestrator_job(number)
+        if job is None:
+            return self.send_not_held(number)
+        if job["status"] == SUCCESS:
+            output, size = self.app.store.open_output(job["id"])
+            if output is None:  # a 500 is polled again; a JSON status would end the job
+                raise JobdError("the result zip of this job is missing")
+            with output:
+                return self.send_zip(output, size)
+        pid = (job["pgid"] or 0) if job["status"] == RUNNING else 0
+        self.send_json(200, orchestrator_payload(
+            number, orchestrator_status(job), self.app.store.job_dir(job["id"]), pid,
+            killed=job["status"] == CANCELLED))
+
+    def orch_retrieve_partial(self, number):
+        """GET /retrieve_partial/{id}: a zip of the job folder as it is now (the input
+        while it waits, the result once it has ended)."""
+        store = self.app.store
+        job = self.orchestrator_job(parse_orchestrator_id(number))
+        if job is not None and job["status"] == RUNNING:
+            snapshot = store.spool()
+            try:
+                write_result_zip(store.job_dir(job["id"]), snapshot)
+                job = store.get(job["id"])  # it may have ended, and its folder gone, meanwhile
+                if job is not None and job["status"] == RUNNING:
+                    snapshot.seek(0)
+                    return self.send_zip(snapshot, snapshot.size)
+            finally:
+                snapshot.discard()
+        if job is None:
+            return self.send_json(404, orchestrator_payload(0, "Unknown"))
+        if job["status"] == QUEUED:
+            f = store.open_input(job["id"])
+            size = f.seek(0, os.SEEK_END) if f else 0
+        else:
+            f, size = store.open_output(job["id"])
+        if f is None:
+            f, size = io.BytesIO(EMPTY_ZIP), len(EMPTY_ZIP)
+        with f:
+            f.seek(0)
+            self.send_zip(f, size)
+
+    def orch_kill(self, number):
+        """POST /kill/{id}: a waiting job never starts, a running one is stopped (its whole
+        process group); 200 with no body at once, also when there is nothing to stop."""
+        number = parse_orchestrator_id(number)
+        job = self.orchestrator_job(number)
+        if job is None and number > self.app.store.last_orchestrator_id():
+            return self.send_json(404, orchestrator_payload(0, "Unknown"))
+        if job is not None and job["status"] in (QUEUED, RUNNING):
+            self.app.runner.cancel(job["id"])
+        self.send_bytes(200, b"", content_type="text/plain; charset=utf-8")
+
+    def orch_load(self):
+        """GET /load: CPU use in percent, as a bare JSON number."""
+        self.send_json(200, self.app.cpu.percent())
+
+    def orch_health(self):
+        """GET /health: 200 when the database answers, else 503."""
+        try:
+            self.app.store.check()
+        except sqlite3.Error as e:
+            self.app.log("health check failed", level="error", error=str(e))
+            return self.send_json(503, {"status": "error", "database": str(e)})
+        self.send_json(200, {"status": "ok", "database": "ok"})
+
+    def orch_ping(self):
+        self.send_json(200, {"message": "pong"})
+
+
+    # -- operations ---------------------------------------------------------------------
+
+    def healthz(self):
+        """GET /healthz (never behind the token): 200 when the database and the data
+        directory work, else 503; with version, uptime, queue depth and free disk."""
+        app, counts, problems = self.app, {}, {}
+        try:
+            counts = app.store.counts()
+            app.store.check_database()
+        except sqlite3.Error as e:
+            problems["database"] = str(e)
+        try:
+            app.store.check_data_dir()
+            free = shutil.disk_usage(app.store.data_dir).free
+        except OSError as e:
+            problems["data_dir"], free = f"{e.strerror}: {e.filename}", None
+        self.send_json(503 if problems else 200, {
+            "status": "error" if problems else "ok", "version": __version__,
+            "uptime_seconds": round(time.time() - app.started, 3),
+            "queued": counts.get(QUEUED, 0), "running": len(app.runner.active),
+            "data_free_bytes": free, "database": problems.get("database", "ok"),
+            "data_dir": problems.get("data_dir", "ok")})
+
+    def metrics(self):
+        """GET /metrics: Prometheus text exposition."""
+        app = self.app
+        text = app.metrics.render(app.store.counts(), len(app.runner.active),
+                                  time.time() - app.started)
+        self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self):
+        """GET /api/openapi.json: the OpenAPI 3 description of every endpoint."""
+        self.send_json(200, openapi_document())
+
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -2034,10 +3385,39 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # 200 clients connecting at once must not be refused
 
     def __init__(self, app):
+        """Listen on cfg.host; "" means every interface, IPv6 and IPv4 (like Go's ":8080"),
+        falling back to IPv4 alone where the system has no IPv6."""
         self.app = app
-        if ":" in app.cfg.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((app.cfg.host, app.cfg.port), Handler)
+        host = app.cfg.host
+        if host == "" and socket.has_ipv6:
+            try:
+                self.address_family, self.dual_stack = socket.AF_INET6, True
+                super().__init__(("::", app.cfg.port), Handler)
+                return
+            except OSError:
+                pass
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.dual_stack = False
+        super().__init__((host or "0.0.0.0", app.cfg.port), Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the host's FQDN, which can hang for seconds
+        # in a container without DNS; jobd never uses it.
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def shutdown_request(self, request):
+        """Close gently: read on (briefly) what the client is still sending, so that a
+        client refused early -- a 413, say -- reads our answer instead of a reset."""
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and request.recv(64 * KiB):
+                pass
+        self.close_request(request)
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -2050,13 +3430,20 @@ class Server(ThreadingHTTPServer):
 # ====================================================================================
 
 class Jobd:
-    """What one running daemon holds: its settings, log, store and runner."""
+    """What one running daemon holds: its settings, log, metrics, store and runner."""
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
         self.started = time.time()
-        self.store = Store(cfg.db_file, cfg.data)
-        self.runner = Runner(self.store, cfg, log)
+        self.metrics = Metrics()
+        self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry)
+        self.runner = Runner(self.store, cfg, log, self.metrics)
+        self.cpu = CpuMeter()
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
 
 
 def serve(cfg):
@@ -2080,6 +3467,10 @@ def serve(cfg):
     app.runner.start()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    if not cfg.token and not is_loopback(cfg.host):
+        log("no token set (JOBD_TOKEN or --token-file): anyone who can reach this port can "
+            "run jobs", level="warning")
     log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
         data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
     while not stop.wait(3600):

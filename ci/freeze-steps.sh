@@ -31,6 +31,7 @@ make bench-binary
 
 # The API suite against the binary (tests/conftest.py: JOBD_TEST_IMPL picks the implementation).
 step "API suite against dist/jobd"
+make .venv/.installed
 rc=0
 JOBD_TEST_IMPL=binary .venv/bin/python -m pytest tests --ignore=tests/test_rootfs.py || rc=$?
 [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || exit "$rc"     # 5: no API tests collected

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,7 @@ class Jobd:
     def __init__(self, command, workdir, args=(), env=None):
         self.command = list(command)
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.data = self.workdir / "data"
         self.db = self.workdir / "jobd.sqlite3"
         self.args = list(args)
@@ -101,8 +103,9 @@ class Jobd:
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            if "listening on http://" in line and not self._listening.is_set():
-                self.port = int(line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1])
+            match = re.search(r"listening on http://\S*?:(\d+)", line)
+            if match and not self._listening.is_set():
+                self.port = int(match.group(1))
                 self._listening.set()
 
     def log_text(self):

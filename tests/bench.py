@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""jobd's benchmark (`make bench`): starts jobd from source on loopback, measures, prints a table.
+
+Every figure is the median of several runs. Targets are from the issues; the Go figures
+from the wire contract (same 2-core machine, loopback). Standard library only, apart from
+reusing the test fixture's Jobd class. `--only NAME` runs one measurement.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import ROOT, Jobd, make_zip  # noqa: E402
+
+MB = 1_000_000
+
+
+def start_jobd(workdir, *args):
+    return Jobd([sys.executable, str(ROOT / "jobd.py")], workdir, args).start()
+
+
+def peak_rss_reset(pid):
+    """Reset the kernel's peak-RSS counter of a process (VmHWM), so a later read gives the
+    peak of what happened in between."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MB
+    raise RuntimeError("no VmHWM")
+
+
+def raw_request(port, head, body_file=None):
+    """Send a request (head bytes, optional file body by sendfile); return (status, headers,
+    socket, reader) with the body not yet read."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(head)
+    if body_file is not None:
+        sock.sendfile(body_file)
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while True:
+        line = reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, sock, reader
+
+
+def drain(reader, length):
+    """Read and drop `length` bytes; return how many arrived."""
+    got = 0
+    buf = bytearray(1 << 20)
+    while got < length:
+        n = reader.readinto(memoryview(buf)[: min(len(buf), length - got)])
+        if not n:
+            break
+        got += n
+    return got
+
+
+# ---- measurements -----------------------------------------------------------------------
+
+def latency(workdir, runs=30):
+    """Upload -> result of a trivial job (one keep-alive client, polling every 1 ms)."""
+    server = start_jobd(workdir)
+    payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    times = []
+    try:
+        for i in range(runs + 3):
+            started = time.perf_counter()
+            conn.request("POST", "/api/upload", json.dumps({"id": f"lat{i}", "input": payload}))
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 201
+            while True:
+                conn.request("GET", f"/api/get/lat{i}")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    break
+                time.sleep(0.001)
+            if i >= 3:  # the first runs warm up imports and caches
+                times.append((time.perf_counter() - started) * 1000)
+    finally:
+        server.stop()
+    return statistics.median(times)
+
+
+def burst(workdir, jobs=200, repeats=3):
+    """200 trivial jobs submitted at once (16 clients); jobs/s until all have finished."""
+    rates = []
+    for repeat in range(repeats):
+        server = start_jobd(os.path.join(workdir, f"burst{repeat}"))
+        payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+        bodies = [json.dumps({"id": f"b{i}", "input": payload}) for i in range(jobs)]
+
+        def client(part):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port)
+            for body in bodies[part::16]:
+                conn.request("POST", "/api/upload", body)
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 201, resp.status
+
+        try:
+            started = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            conn = http.client.HTTPConnection("127.0.0.1", server.port)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                conn.request("GET", "/api/jobs?status=QUEUED,RUNNING&limit=1")
+                resp = conn.getresponse()
+                if not json.loads(resp.read())["Jobs"]:
+                    break
+                time.sleep(0.005)
+            elapsed = time.perf_counter() - started
+            conn.request("GET", "/api/jobs?status=SUCCESS&limit=1000")
+            done = len(json.loads(conn.getresponse().read())["Jobs"])
+            assert done == jobs, f"only {done} of {jobs} jobs succeeded"
+            rates.append(jobs / elapsed)
+        finally:
+            server.stop()
+    return statistics.median(rates)
+
+
+def upload_rate(workdir, jobs=800, clients=8, repeats=5):
+    """Tiny uploads from 8 keep-alive clients (lean raw-socket clients, so the client's own
+    CPU does not hide the server's): accepted jobs/s, each durably committed."""
+    payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+    rates = []
+    server = start_jobd(workdir)
+    try:
+        for repeat in range(repeats):
+            requests = []
+            for i in range(jobs):
+                body = json.dumps({"id": f"u{repeat}-{i}", "input": payload}).encode()
+                requests.append(b"POST /api/upload HTTP/1.1\r\nHost: bench\r\nContent-Length: "
+                                b"%d\r\n\r\n%s" % (len(body), body))
+
+            def client(part):
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reader = sock.makefile("rb")
+                for request in requests[part::clients]:
+                    sock.sendall(request)
+                    status = reader.readline()
+                    length = 0
+                    while True:
+                        line = reader.readline()
+                        if line == b"\r\n":
+                            break
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    reader.read(length)
+                    assert b" 201 " in status, status
+                sock.close()
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            rates.append(jobs / (time.perf_counter() - started))
+            time.sleep(1)  # let the workers catch up, so runs start alike
+    finally:
+        server.stop()
+    return statistics.median(rates)
+
+
+def big_output_go(workdir, size_mb=200, repeats=3):
+    """GET /api/get of a job whose output holds 200 MB of random bytes: seconds, peak RSS."""
+    server = start_jobd(workdir)
+    try:
+        script = f"head -c {size_mb * 1024 * 1024} /dev/urandom > random.bin\n"
+        assert server.upload("big", {"run.sh": script}).status == 201
+        deadline = time.monotonic() + 300
+        while server.get("big").status == 202 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        times, peaks = [], []
+        for _ in range(repeats):
+            peak_rss_reset(server.proc.pid)
+            started = time.perf_counter()
+            status, headers, sock, reader = raw_request(
+                server.port, b"GET /api/get/big HTTP/1.1\r\nHost: bench\r\n\r\n")
+            length = int(headers["content-length"])
+            assert status == 200 and drain(reader, length) == length
+            times.append(time.perf_counter() - started)
+            peaks.append(peak_rss_mb(server.proc.pid))
+            sock.close()
+    finally:
+        server.stop()
+    return statistics.median(times), statistics.median(peaks)
+
+
+def raw_round_trip(workdir, size_mb=300, repeats=3):
+    """PUT a 300 MB zip to /api/jobs/{id}, then GET its 300 MB output: MB/s and peak RSS each way."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    big = Path(workdir) / "big.zip"
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("run.sh", "true\n")
+        with zf.open("random.bin", "w", force_zip64=True) as f:
+            for _ in range(size_mb):
+                f.write(os.urandom(MB))
+    total = big.stat().st_size
+    server = start_jobd(os.path.join(workdir, "server"))
+    up, up_rss, down, down_rss = [], [], [], []
+    try:
+        for repeat in range(repeats):
+            job = f"raw{repeat}"
+            peak_rss_reset(server.proc.pid)
+            started = time.perf_counter()
+            with open(big, "rb") as f:
+                head = (f"PUT /api/jobs/{job} HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                        f"application/zip\r\nContent-Length: {total}\r\n\r\n").encode()
+                status, headers, sock, reader = raw_request(server.port, head, f)
+            reader.read(int(headers["content-length"]))
+            sock.close()
+            assert status == 201, status
+            up.append(total / MB / (time.perf_counter() - started))
+            up_rss.append(peak_rss_mb(server.proc.pid))
+            deadline = time.monotonic() + 300
+            while (json.loads(server.request("GET", f"/api/jobs/{job}").body)["Status"]
+                   != "SUCCESS" and time.monotonic() < deadline):
+                time.sleep(0.2)
+            peak_rss_reset(server.proc.pid)
+            started = time.perf_counter()
+            status, headers, sock, reader = raw_request(
+                server.port, f"GET /api/jobs/{job}/output HTTP/1.1\r\nHost: b\r\n\r\n".encode())
+            length = int(headers["content-length"])
+            assert status == 200 and drain(reader, length) == length
+            sock.close()
+            down.append(length / MB / (time.perf_counter() - started))
+            down_rss.append(peak_rss_mb(server.proc.pid))
+            server.request("DELETE", f"/api/jobs/{job}")
+    finally:
+        server.stop()
+    return tuple(statistics.median(v) for v in (up, up_rss, down, down_rss))
+
+
+# ---- the table --------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", help="run one measurement: latency, burst, rate, "
+                        "output, raw")
+    args = parser.parse_args()
+    rows = []
+
+    def row(name, value, unit, target, go, ok):
+        rows.append((name, f"{value:,.1f} {unit}", target, go, "ok" if ok else "MISSED"))
+        print(f"  {name}: {value:,.1f} {unit}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="jobd-bench-") as tmp:
+        def wanted(name):
+            return args.only in (None, name)
+
+        if wanted("latency"):
+            ms = latency(os.path.join(tmp, "latency"))
+            row("upload -> result, trivial job (median)", ms, "ms", "<= 20 ms", "1,000 ms",
+                ms <= 20)
+        if wanted("burst"):
+            rate = burst(os.path.join(tmp, "burst"))
+            row("200 trivial jobs at once, until all finished", rate, "jobs/s", ">= 260",
+                "260", rate >= 260)
+        if wanted("rate"):
+            rate = upload_rate(os.path.join(tmp, "rate"))
+            row("uploads from 8 keep-alive clients, durable", rate, "jobs/s", ">= 1,500",
+                "5,500 (no fsync)", rate >= 1500)
+        if wanted("output"):
+            seconds, rss = big_output_go(os.path.join(tmp, "output"))
+            row("GET /api/get, 200 MB output: time", seconds, "s", "<= 2 s", "2.0 s",
+                seconds <= 2)
+            row("GET /api/get, 200 MB output: peak RSS", rss, "MB", "<= 100 MB", "4,500 MB",
+                rss <= 100)
+        if wanted("raw"):
+            up, up_rss, down, down_rss = raw_round_trip(os.path.join(tmp, "raw"))
+            row("PUT /api/jobs/{id}, 300 MB zip", up, "MB/s", ">= 200 MB/s", "-", up >= 200)
+            row("  peak RSS during the upload", up_rss, "MB", "<= 100 MB", "-", up_rss <= 100)
+            row("GET /api/jobs/{id}/output, 300 MB", down, "MB/s", ">= 200 MB/s", "-",
+                down >= 200)
+            row("  peak RSS during the download", down_rss, "MB", "<= 100 MB", "-",
+                down_rss <= 100)
+
+    widths = [max(len(str(r[i])) for r in rows + [HEADER]) for i in range(5)]
+    for line in [HEADER, tuple("-" * w for w in widths)] + rows:
+        print(" | ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
+    return 0 if all(r[4] == "ok" for r in rows) else 1
+
+
+HEADER = ("measurement (median)", "jobd", "target", "Go jobd", "")
+
+if __name__ == "__main__":
+    sys.exit(main())
