@@ -8,7 +8,7 @@ crashes, races and memory blow-ups. One module, standard library only.
 
 The module reads top to bottom the way an upload flows:
 configuration -> errors -> job ids and zips -> store (SQLite + files) -> runner
-(worker threads, subprocesses) -> HTTP -> main.
+(worker threads, subprocesses) -> HTTP -> client CLI -> main.
 """
 
 import argparse
@@ -20,10 +20,13 @@ import hashlib
 import hmac
 import http.client
 import io
+import itertools
 import json
 import os
+import queue
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -105,14 +108,63 @@ def parse_log_format(text):
     return text
 
 
+def parse_executor(text):
+    if text not in ("local", "slurm"):
+        raise ValueError(f"must be local or slurm, not {text!r}")
+    return text
+
+
+def parse_http_url(text):
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {text!r}")
+    return text
+
+
+# sbatch options jobd sets itself, or that would break how it follows a job (one job id,
+# its output in the job directory, found again by its name) or whose user it runs as:
+# neither --slurm-option nor a job may give them. Long name -> short form.
+SBATCH_RESERVED = {"chdir": "D", "output": "o", "error": "e", "input": "i", "job-name": "J",
+                   "array": "a", "wait": "W", "wrap": None, "parsable": None, "test-only": None,
+                   "uid": None, "gid": None, "get-user-env": None, "help": "h", "usage": None,
+                   "version": "V"}
+
+
+def parse_sbatch_option(text):
+    """One server-wide sbatch argument as sbatch takes it: --partition=short, --exclusive."""
+    if not text.startswith("-") or text in ("-", "--"):
+        raise ValueError(f"{text!r} is not an sbatch option (give one argument, e.g. "
+                         "--partition=short)")
+    if text.startswith("--"):
+        name = text[2:].split("=", 1)[0]
+    else:
+        name = next((long for long, short in SBATCH_RESERVED.items() if short == text[1:2]),
+                    None)
+    if name in SBATCH_RESERVED:
+        raise ValueError(f"{text!r}: jobd sets or forbids --{name} itself")
+    return text
+
+
+def parse_sbatch_names(text):
+    """The sbatch options a job may set, by long name: 'partition,time,mem'."""
+    names = tuple(name.lstrip("-") for name in re.split(r"[\s,]+", text.strip()) if name)
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+            raise ValueError(f"{name!r} is not the long name of an sbatch option")
+        if name in SBATCH_RESERVED:
+            raise ValueError(f"jobs may not set --{name}: jobd sets or forbids it itself")
+    return names
+
+
 class Setting:
     """One setting: a flag, an environment variable, a default and a parser. `kind` is
     "value", "switch" (a flag without argument) or "list" (a repeatable flag; in the
-    environment, separated by spaces or commas)."""
+    environment, separated by spaces or commas, or by `split`)."""
 
-    def __init__(self, name, env, default, parse, help, kind="value"):
+    def __init__(self, name, env, default, parse, help, kind="value", split=None):
         self.name, self.env, self.default, self.parse, self.help = name, env, default, parse, help
         self.kind = kind
+        self.split = split or (lambda raw: re.split(r"[\s,]+", raw.strip()))
 
     @property
     def flag(self):
@@ -157,15 +209,32 @@ SETTINGS = [
             "URL prefix completion callbacks may go to (repeatable)", kind="list"),
     Setting("callback_retry", "JOBD_CALLBACK_RETRY", 3600.0, parse_seconds,
             "how long a failing callback is retried"),
+    Setting("executor", "JOBD_EXECUTOR", "local", parse_executor,
+            "where jobs run: local (here) or slurm (sbatch; DATAPATH must be shared)"),
+    Setting("slurm_option", "JOBD_SLURM_OPTIONS", (), parse_sbatch_option,
+            "sbatch option for every job, as one argument: --slurm-option=--partition=short "
+            "(repeatable; in the environment, split like a shell line)", kind="list",
+            split=shlex.split),
+    Setting("slurm_job_options", "JOBD_SLURM_JOB_OPTIONS", (), parse_sbatch_names,
+            "sbatch options a job may set itself, by name: partition,time,mem (default: none)"),
+    Setting("slurm_poll", "JOBD_SLURM_POLL", 1.0, parse_seconds,
+            "time between two looks at Slurm (one squeue call for all jobs)"),
+    Setting("slurml_url", "SLURML_API_URL", None, parse_http_url,
+            "slurml service that \"slurml\": true uploads are forwarded to, as by the Go jobd "
+            "(with the token in SLURML_API_TOKEN)"),
+    Setting("slurml_poll", "JOBD_SLURML_POLL", 30.0, parse_seconds,
+            "time between two questions to the slurml service about a job"),
 ]
 
 
 class Config:
     """The validated settings, read once in main() and passed down; never changed after.
-    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file."""
+    Besides SETTINGS it holds `token`, read from JOBD_TOKEN or --token-file, and
+    `slurml_token`, from SLURML_API_TOKEN (secrets are never flags)."""
 
-    def __init__(self, token=None, **values):
+    def __init__(self, token=None, slurml_token=None, **values):
         object.__setattr__(self, "token", token)
+        object.__setattr__(self, "slurml_token", slurml_token)
         for setting in SETTINGS:
             object.__setattr__(self, setting.name, values.get(setting.name, setting.default))
 
@@ -183,7 +252,8 @@ def server_arguments(parser):
         metavar = {parse_duration: "TIME", parse_seconds: "TIME", parse_size: "SIZE",
                    parse_count: "N", parse_port: "PORT"}.get(setting.parse)
         kind = {"switch": dict(action="store_const", const="true"),
-                "list": dict(action="append", metavar="PREFIX")}.get(
+                "list": dict(action="append", metavar="OPTION" if setting.name == "slurm_option"
+                             else "PREFIX")}.get(
                     setting.kind, dict(metavar=metavar or setting.name.split("_")[-1].upper()))
         parser.add_argument(setting.flag, dest=setting.name, default=None,
                             help=f"{setting.help} [{setting.env}]", **kind)
@@ -201,7 +271,7 @@ def load_config(args, environ):
             continue
         try:
             if setting.kind == "list":
-                items = raw if isinstance(raw, list) else re.split(r"[\s,]+", raw.strip())
+                items = raw if isinstance(raw, list) else setting.split(raw)
                 values[setting.name] = tuple(setting.parse(item) for item in items if item)
             else:
                 values[setting.name] = setting.parse(raw)
@@ -216,7 +286,14 @@ def load_config(args, environ):
             raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
         if not token:
             raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
-    return Config(token=token, **values)
+    if values.get("executor") == "slurm":
+        missing = [name for name in ("sbatch", "squeue", "scancel", "scontrol")
+                   if shutil.which(name, path=environ.get("PATH", os.defpath)) is None]
+        if missing:
+            raise SystemExit(f"jobd: --executor slurm: {', '.join(missing)} not on PATH")
+    elif values.get("slurm_option") or values.get("slurm_job_options"):
+        raise SystemExit("jobd: --slurm-option and --slurm-job-options need --executor slurm")
+    return Config(token=token, slurml_token=environ.get("SLURML_API_TOKEN") or None, **values)
 
 
 # ====================================================================================
@@ -512,29 +589,38 @@ def compression_for(path, size):
     return zipfile.ZIP_DEFLATED, 6 if size <= 16 * MiB else 1
 
 
-def write_result_zip(job_dir, dest):
+def write_result_zip(job_dir, dest, leave_out=()):
     """Zip the whole job directory into dest (a path or a Spool), streaming file by file.
 
-    Symbolic links are left out: following them could pack files from outside the job.
+    Symbolic links are left out: following them could pack files from outside the job;
+    so are the top-level files named in `leave_out` (jobd's own).
     """
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, allowZip64=True,
                          strict_timestamps=False) as zf:
         for root, folders, files in os.walk(job_dir):
             folders[:] = sorted(d for d in folders if not os.path.islink(os.path.join(root, d)))
-            relative = os.path.relpath(root, job_dir)
+            relative = zip_name(os.path.relpath(root, job_dir))
             if relative != ".":
                 zf.write(root, relative + "/")
             for name in sorted(files):
+                if relative == "." and name in leave_out:
+                    continue
                 path = os.path.join(root, name)
                 try:
                     st = os.lstat(path)
                     if not stat.S_ISREG(st.st_mode):
                         continue
                     method, level = compression_for(path, st.st_size)
-                    arcname = name if relative == "." else f"{relative}/{name}"
+                    arcname = zip_name(name if relative == "." else f"{relative}/{name}")
                     zf.write(path, arcname, compress_type=method, compresslevel=level)
                 except OSError:
                     continue  # unreadable or vanished: the rest of the results still count
+
+
+def zip_name(name):
+    """A file name as a zip can hold it: bytes that are not UTF-8 (Linux names are
+    bytes) become U+FFFD; zipfile would raise on them."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 EMPTY_ZIP = b"PK\x05\x06" + b"\0" * 18
@@ -670,23 +756,40 @@ JOB_COLUMNS = [
     # job-orchestrator client protocol: submitted through POST /submit, and refused there
     ("orchestrator", "INTEGER NOT NULL DEFAULT 0"),
     ("refused", "INTEGER NOT NULL DEFAULT 0"),
+    ("slurm_options", "TEXT"),  # the job's own sbatch options, a JSON object
+    ("submit_tag", "TEXT"),     # Slurm job name, recorded before sbatch runs (see Slurm)
 ]
-INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)"]
+INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
+           # the claim skips jobs waiting in Slurm's queue, however many there are
+           "CREATE INDEX IF NOT EXISTS jobs_to_claim ON jobs (status, slurml, slurm_id, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
 SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
-                                  timeout, callback)
-                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?)"""
+                                  timeout, callback, slurm_options)
+                VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)"""
 SQL_COUNT_QUEUED = "SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'"
 SQL_COUNT_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
-SQL_NEXT_QUEUED = "SELECT id FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
+# A QUEUED job with a slurm_id waits in Slurm's queue, not in jobd's: never claimed again.
+SQL_NEXT_QUEUED = """SELECT id FROM jobs WHERE status = 'QUEUED' AND slurml = ? AND slurm_id = 0
+                     ORDER BY seq LIMIT 1"""
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
-               attempts = attempts + 1, pgid = NULL WHERE id = ? AND status = 'QUEUED'"""
+               attempts = attempts + 1, pgid = NULL
+               WHERE id = ? AND status = 'QUEUED' AND slurm_id = 0"""
 SQL_SET_PGID = "UPDATE jobs SET pgid = ? WHERE id = ?"
 SQL_FINISH = """UPDATE jobs SET status = ?, message = ?, exit_code = ?, output_bytes = ?,
-                finished_at = ?, updated_at = ?, pgid = NULL WHERE id = ? AND status = ?"""
-SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL,
-                 attempts = attempts - ? WHERE id = ? AND status = 'RUNNING'"""
+                finished_at = ?, updated_at = ?, pgid = NULL
+                WHERE id = ? AND status = ? AND slurm_id = ?"""
+SQL_REQUEUE = """UPDATE jobs SET status = 'QUEUED', updated_at = ?, pgid = NULL, submit_tag = NULL,
+                 attempts = attempts - ? WHERE id = ? AND status = 'RUNNING' AND slurm_id = 0"""
+SQL_SET_SUBMIT_TAG = """UPDATE jobs SET submit_tag = ?
+                        WHERE id = ? AND status = 'RUNNING' AND slurm_id = 0"""
+SQL_TRACK = """UPDATE jobs SET slurm_id = ?, status = ?, message = ?, updated_at = ?,
+               started_at = COALESCE(?, started_at)
+               WHERE id = ? AND slurm_id = ? AND status IN ('QUEUED', 'RUNNING')"""
+SQL_SLURM_JOBS = """SELECT * FROM jobs WHERE slurml = 0 AND status IN ('QUEUED', 'RUNNING')
+                    AND (slurm_id > 0 OR submit_tag IS NOT NULL) ORDER BY seq"""
+SQL_SLURML_JOBS = """SELECT * FROM jobs WHERE slurml = 1 AND status = 'RUNNING' AND slurm_id > 0
+                     ORDER BY seq"""
 SQL_RUNNING = "SELECT * FROM jobs WHERE status = 'RUNNING' ORDER BY seq"
 SQL_EXPIRED = f"""SELECT id FROM jobs WHERE status IN {FINISHED!r} AND finished_at < ?"""
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
@@ -885,7 +988,7 @@ class Store:
 
     # -- the life of a job ---------------------------------------------------------------
 
-    def add(self, job_id, spool, slurml=False, timeout=None, callback=None):
+    def add(self, job_id, spool, slurml=False, timeout=None, callback=None, slurm_options=None):
         """Accept a job whose input zip is in `spool`: durable when this returns.
 
         Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
@@ -894,7 +997,8 @@ class Store:
         share that transaction and its fsync (group commit): the first waiting upload
         leads, commits everyone waiting, wakes them, and hands the lead to the next one.
         """
-        entry = {"id": job_id, "spool": spool, "row": (int(slurml), timeout, callback),
+        entry = {"id": job_id, "spool": spool,
+                 "row": (int(slurml), timeout, callback, slurm_options),
                  "error": None, "lead": False, "event": threading.Event()}
         if not spool.in_memory:
             spool.durable_file()  # the fsync of a large input happens outside the queue
@@ -958,14 +1062,15 @@ class Store:
         with self._db() as db:
             return db.execute(SQL_GET, (job_id,)).fetchone()
 
-    def claim_next(self):
-        """Move the oldest queued job to RUNNING and return it, or None. Atomic."""
+    def claim_next(self, slurml=False):
+        """Move the oldest job in jobd's queue (of slurml jobs, or of the others) to
+        RUNNING and return it, or None. Atomic."""
         with self._db() as db:
-            if db.execute(SQL_NEXT_QUEUED).fetchone() is None:
+            if db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone() is None:
                 return None  # the common idle case needs no write lock
         now = time.time()
         with self._write() as db:
-            row = db.execute(SQL_NEXT_QUEUED).fetchone()
+            row = db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone()
             if row is None:
                 return None
             db.execute(SQL_CLAIM, (now, now, row["id"]))
@@ -975,15 +1080,16 @@ class Store:
         with self._write() as db:
             db.execute(SQL_SET_PGID, (pgid, job_id))
 
-    def finish(self, job_id, status, message, exit_code=None, output=None, was=RUNNING):
-        """Record the end of a job that is in state `was`, with its result zip (a Spool);
-        False if the job was not in that state."""
+    def finish(self, job_id, status, message, exit_code=None, output=None, was=RUNNING,
+               slurm_id=0):
+        """Record the end of a job that is in state `was` (and has that Slurm id), with its
+        result zip (a Spool); False if the job was not in that state."""
         size = output.size if output is not None else None
         self._place(output, job_id, "output")
         now = time.time()
         with self._write() as db:
             cursor = db.execute(SQL_FINISH, (status, message, exit_code, size,
-                                             now, now, job_id, was))
+                                             now, now, job_id, was, slurm_id))
             if cursor.rowcount == 1 and output is not None and output.in_memory:
                 db.execute(SQL_PUT_PAYLOAD, (job_id, "output", output.getvalue()))
             if cursor.rowcount == 1:
@@ -993,9 +1099,34 @@ class Store:
         return cursor.rowcount == 1
 
     def requeue(self, job_id, count_attempt):
-        """Put a running job back in the queue (jobd is stopping or restarting)."""
+        """Put a running job back in the queue (jobd is stopping or restarting, or Slurm
+        never got it); never one that Slurm has."""
         with self._write() as db:
             db.execute(SQL_REQUEUE, (time.time(), 0 if count_attempt else 1, job_id))
+
+    def set_submit_tag(self, job_id, tag):
+        """Record, before sbatch runs, the name the job will have in Slurm."""
+        with self._write() as db:
+            db.execute(SQL_SET_SUBMIT_TAG, (tag, job_id))
+
+    def track(self, job_id, slurm_id, status, message, was_slurm_id, started_at=None):
+        """Record what Slurm (or slurml) says of a job in flight: its id there, QUEUED or
+        RUNNING, a message; False if the job has ended or changed hands meanwhile."""
+        now = time.time()
+        with self._write() as db:
+            cursor = db.execute(SQL_TRACK, (slurm_id, status, message, now, started_at,
+                                            job_id, was_slurm_id))
+        return cursor.rowcount == 1
+
+    def slurm_jobs(self):
+        """Jobs Slurm has, or may have (a submit tag without an id yet)."""
+        with self._db() as db:
+            return db.execute(SQL_SLURM_JOBS).fetchall()
+
+    def slurml_jobs(self):
+        """Jobs forwarded to slurml and not yet ended."""
+        with self._db() as db:
+            return db.execute(SQL_SLURML_JOBS).fetchall()
 
     def list_jobs(self, statuses, before, limit):
         """Jobs newest first, older than sequence number `before`, optionally by status."""
@@ -1356,13 +1487,17 @@ class Runner:
 
     A worker is woken the moment a job is accepted, claims the oldest queued job in one
     atomic store transaction (so each job runs exactly once), runs it in its own process
-    group and records the result. A failure in one job never stops a worker.
+    group and records the result. A failure in one job never stops a worker. With
+    --executor slurm a worker hands the job to sbatch instead (Slurm, below); slurml
+    jobs are never claimed by workers (Slurml).
     """
 
     def __init__(self, store, cfg, log, metrics):
         self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
         self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
+        self.slurm = Slurm(self)  # its poller runs only when there are Slurm jobs to follow
+        self.slurml = Slurml(self) if cfg.slurml_url and cfg.slurml_token else None
         # Scripts without #! run with bash when the system has it: scripts written for
         # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
         self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
@@ -1382,6 +1517,10 @@ class Runner:
             self._spawn(self.work, f"worker-{number}")
         self._spawn(self.sweep_loop, "janitor")
         self._spawn(lambda: self.callbacks.run(self.stopping), "callbacks")
+        if self.cfg.executor == "slurm" or self.store.slurm_jobs():
+            self._spawn(lambda: self.slurm.run(self.stopping), "slurm")
+        if self.slurml:
+            self._spawn(lambda: self.slurml.run(self.stopping), "slurml")
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -1392,12 +1531,18 @@ class Runner:
         with self.wakeup:
             self.generation += 1
             self.wakeup.notify()
+        if self.slurml:
+            self.slurml.wakeup.set()
 
     def stop(self, grace):
-        """Stop every running job (TERM, then KILL after grace) and queue it again."""
+        """Stop every running job (TERM, then KILL after grace) and queue it again. Jobs
+        in Slurm or at slurml are left there: the next start follows them again."""
         self.stopping.set()
         with self.wakeup:
             self.wakeup.notify_all()
+        self.slurm.wakeup.set()
+        if self.slurml:
+            self.slurml.wakeup.set()
         with self.lock:
             running = list(self.active.values())
         for active in running:
@@ -1431,6 +1576,9 @@ class Runner:
             except Exception:
                 self.log("worker error", level="error", job=job["id"],
                          error=traceback.format_exc())
+                with contextlib.suppress(Exception):  # the job must not stay RUNNING
+                    self.finish(job["id"], FAILED,
+                                "internal error in jobd while running the job (see its log)")
             finally:
                 with self.lock:
                     self.active.pop(job["id"], None).done.set()
@@ -1448,9 +1596,14 @@ class Runner:
                 raise FileNotFoundError("the job's input is missing from the store")
             with source:
                 extract_input_zip(source, job_dir, self.cfg)
-            outcome = self.execute(job_id, job_dir, active, job["timeout"])
+            if self.cfg.executor == "slurm":
+                outcome = self.slurm.submit(job, job_dir, active)
+            else:
+                outcome = self.execute(job_id, job_dir, active, job["timeout"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
+        if outcome is SUBMITTED:  # Slurm has it now; the Slurm poller follows it
+            return
         if outcome is None:  # jobd is stopping: run it again at the next start
             self.store.requeue(job_id, count_attempt=False)
             self.store.discard(job_dir)
@@ -1508,20 +1661,21 @@ class Runner:
                 time.sleep(0.02)
         signal_group(pgid, signal.SIGKILL)
 
-    def finish(self, job_id, status, message, exit_code=None, was=RUNNING):
+    def finish(self, job_id, status, message, exit_code=None, was=RUNNING, slurm_id=0,
+               leave_out=()):
         """Zip the job directory once into the result, record the end (if the job is
-        still in state `was`), and remove the directory unless DEBUG."""
+        still in state `was`, with that Slurm id), and remove the directory unless DEBUG."""
         job_dir = self.store.job_dir(job_id)
         output = self.store.spool()
         try:
             if os.path.isdir(job_dir):
-                write_result_zip(job_dir, output)
+                write_result_zip(job_dir, output, leave_out)
             else:
                 output.write(EMPTY_ZIP)
-            return self.store.finish(job_id, status, message, exit_code, output, was)
-        except OSError as e:
-            self.log("result zip failed", level="error", job=job_id, error=str(e))
-            return self.store.finish(job_id, status, message, exit_code, None, was)
+            return self.store.finish(job_id, status, message, exit_code, output, was, slurm_id)
+        except Exception as e:  # whatever it was, the job must not stay RUNNING forever
+            self.log("result zip failed", level="error", job=job_id, error=repr(e))
+            return self.store.finish(job_id, status, message, exit_code, None, was, slurm_id)
         finally:
             output.discard()
             if not self.cfg.debug:
@@ -1542,11 +1696,18 @@ class Runner:
                 self.log("job", job=job_id, status=CANCELLED)
                 return True
             active = self.active.get(job_id)
-        if active is None:
-            return False
-        active.stop("cancel", self.cfg.grace)
-        active.done.wait(wait)
-        return True
+        deadline = time.monotonic() + wait
+        if active is not None:  # running here, or being handed to Slurm
+            active.stop("cancel", self.cfg.grace)
+            active.done.wait(wait)
+        job = self.store.get(job_id)
+        if job is None or job["status"] in FINISHED:
+            return active is not None
+        if job["slurml"]:
+            return self.slurml is not None and self.slurml.cancel(job)
+        if job["slurm_id"] > 0 or job["submit_tag"]:
+            return self.slurm.cancel(job, deadline)
+        return active is not None
 
     def delete(self, job_id):
         """Cancel a job if needed, then remove its record and every file."""
@@ -1560,6 +1721,8 @@ class Runner:
         """Start-up: clean what a crash left, queue interrupted jobs again (up to a limit)."""
         self.store.sweep_orphans()
         for job in self.store.running_jobs():
+            if job["slurm_id"] > 0 or job["submit_tag"]:
+                continue  # in Slurm or at slurml (or maybe in Slurm): followed from there
             job_id = job["id"]
             job_dir = self.store.job_dir(job_id)
             killed = kill_leftovers(job["pgid"], job_dir, job["started_at"])
@@ -1589,6 +1752,594 @@ class Runner:
             self.log("job removed", job=job_id, reason="retention")
 
 
+# ------------------------------------------------------------------------------------
+# Runner: Slurm (--executor slurm), and the Go daemon's slurml service
+# ------------------------------------------------------------------------------------
+# With --executor slurm a worker does not run run.sh itself: it unpacks the job into its
+# directory as usual (under DATAPATH, which the compute nodes must share), hands it to
+# sbatch, and is free again. One poller thread follows every job in Slurm with a single
+# squeue call per --slurm-poll, scancels on cancel and time-out, and zips the result with
+# Runner.finish once Slurm is done, exactly as for a local job.
+#
+# States. QUEUED means "waiting to run": in jobd's queue (slurm_id 0), or in Slurm's
+# (slurm_id > 0: PENDING, CONFIGURING). The claim takes only the first kind, in one UPDATE
+# that requires slurm_id = 0, so a job Slurm has is never claimed, nor submitted, again.
+# A claimed job is RUNNING while jobd unpacks and submits it, QUEUED while Slurm keeps it
+# pending, RUNNING once it runs (StartedAt is then moved to the real start, and the job's
+# time limit counts from there), and ends as Slurm says (SLURM_STATES).
+#
+# Run once across crashes. Before sbatch runs, the record gets a submit tag: the job's
+# name in Slurm, jobd-<id>-<random>. A record with a tag and no Slurm id (jobd died, or
+# sbatch failed or hung, in between) may or may not be in Slurm; the poller looks the
+# name up, and queues the job again only when Slurm has never seen it.
+#
+# Nothing lost. A job that has left slurmctld's memory (MinJobAge after it ended, while
+# jobd was not looking) is resolved from the exit status the batch script leaves in the
+# job directory, else from Slurm's jobcomp/filetxt record; only when neither appears
+# within SLURM_LOST_AFTER seconds is it failed, with a message that says so.
+
+SUBMITTED = "submitted"  # Slurm.submit's outcome once Slurm has (or may have) the job
+SLURM_STATES = {
+    **dict.fromkeys(("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                     "RESV_DEL_HOLD"), QUEUED),
+    **dict.fromkeys(("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING",
+                     "STAGE_OUT", "RESIZING"), RUNNING),
+    "COMPLETED": SUCCESS,
+    "CANCELLED": CANCELLED,
+    **dict.fromkeys(("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                     "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"), FAILED),
+}
+SLURM_CALL_TIMEOUT = 30.0   # squeue, scancel, scontrol: ~7 ms, but they hang with slurmctld
+SBATCH_TIMEOUT = 60.0
+SLURM_LOST_AFTER = 60.0     # also covers NFS attribute caching of the exit status file
+SQUEUE_BATCH = 2000         # job ids per squeue call (far below the argument-length limit)
+EXIT_FILE = ".jobd-exit-status"  # "<exit status> <Slurm job id>", written by the batch script
+JOBD_FILES = (EXIT_FILE, EXIT_FILE + ".tmp")  # left out of the result zip
+# sbatch errors after which the job may have been accepted all the same
+SBATCH_UNSURE = re.compile(r"timed out|Unable to contact|Zero Bytes|Connection refused|"
+                           r"temporarily|Communication connection failure", re.IGNORECASE)
+
+# The batch script, given to sbatch on stdin: run.sh as a local job runs it, then its exit
+# status left in the job directory (atomically) for when Slurm has forgotten the job.
+# The explicit cd refuses to run anywhere else: with a --chdir it cannot enter, Slurm
+# would run the job in /tmp and call it a success.
+BATCH_SCRIPT = """#!/bin/sh
+# jobd job {job_id}
+cd {job_dir} || {{ echo "jobd: cannot enter {job_dir} on $(hostname)" >&2; exit 97; }}
+{command}
+status=$?
+echo "$status $SLURM_JOB_ID" > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}
+exit $status
+"""
+RUN_WITH_SHELL = "if command -v bash >/dev/null 2>&1; then bash run.sh; else /bin/sh run.sh; fi"
+
+
+def check_slurm_options(options, cfg, slurml=False):
+    """A job's own sbatch options ({"partition": "short", "exclusive": true}), checked
+    against --slurm-job-options; their JSON text for the store, or None."""
+    if options is None or options == {}:
+        return None
+    if not isinstance(options, dict):
+        raise BadRequest('"slurm" must be an object of sbatch options, e.g. {"time": "10"}')
+    if cfg.executor != "slurm" or slurml:
+        raise BadRequest("sbatch options are only for jobs that this jobd runs through Slurm "
+                         "(--executor slurm)")
+    checked = {}
+    for name, value in options.items():
+        name = name.lstrip("-")
+        if name not in cfg.slurm_job_options:
+            allowed = ", ".join(cfg.slurm_job_options) or "none"
+            raise BadRequest(f"sbatch option {name!r} may not be set by a job here "
+                             f"(allowed: {allowed}; --slurm-job-options)")
+        if value is True:
+            checked[name] = True
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise BadRequest(f"sbatch option {name!r} needs a string, a number or true")
+        value = str(value)
+        if not value or len(value) > 256 or not value.isprintable():
+            raise BadRequest(f"sbatch option {name!r} has an unusable value {value[:50]!r}")
+        checked[name] = value
+    return json.dumps(checked)
+
+
+def parse_slurm_header(text):
+    """The X-Jobd-Slurm header, 'partition=short; time=10; exclusive', as a dict."""
+    if text is None:
+        return None
+    options = {}
+    for item in text.split(";"):
+        name, equals, value = item.strip().partition("=")
+        if name.strip():
+            options[name.strip()] = value.strip() if equals else True
+    return options
+
+
+def parse_slurm_record(text):
+    """Slurm's one-line 'Key=Value Key=Value' (jobcomp, scontrol) as a dict; a value runs
+    up to the next ' Key=', so values with spaces survive."""
+    text = text.strip()
+    keys = [m for m in re.finditer(r"([A-Za-z][\w/:]*)=", text)
+            if m.start() == 0 or text[m.start() - 1] == " "]
+    return {m.group(1): text[m.end(): following.start() - 1 if following else len(text)]
+            for m, following in zip(keys, keys[1:] + [None])}
+
+
+def read_exit_file(job_dir):
+    """(exit status, Slurm job id or None) that the batch script left, or None."""
+    try:
+        with open(os.path.join(job_dir, EXIT_FILE)) as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Slurm:
+    """Runs jobs through Slurm: submit() from a worker, one poller thread (run) for every
+    job in flight, cancel() for cancel, time-out and delete. See the notes above."""
+
+    def __init__(self, runner):
+        self.runner, self.store, self.cfg, self.log = runner, runner.store, runner.cfg, runner.log
+        # sbatch passes its own environment to the job (--export=ALL): the jobs' one,
+        # without jobd's secrets; squeue and scancel defaults from it would change the
+        # answers jobd reads.
+        self.env = {name: value for name, value in runner.env.items()
+                    if not name.startswith(("SQUEUE_", "SCANCEL_"))}
+        self.wakeup = threading.Event()
+        self.lock = threading.Lock()    # guards the two fields below
+        self.stopping = {}              # job id -> [reason, monotonic time to scancel again]
+        self.missing = {}               # job id -> when Slurm was first found not to know it
+        self.jobcomp_file = None        # JobCompLoc, once `scontrol show config` has said
+
+    def call(self, argv, input="", timeout=SLURM_CALL_TIMEOUT):
+        """Run a Slurm command with a time limit: (exit status or None if it hung or could
+        not start, stdout, stderr)."""
+        try:
+            done = subprocess.run(argv, input=input, capture_output=True, text=True,
+                                  env=self.env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, "", f"{argv[0]} timed out after {timeout:g} s"
+        except OSError as e:
+            return None, "", f"{argv[0]}: {e.strerror}"
+        return done.returncode, done.stdout, done.stderr.strip()
+
+    # -- submit (on a worker thread) -----------------------------------------------------
+
+    def submit(self, job, job_dir, active):
+        """Hand a prepared job directory to sbatch: SUBMITTED, an outcome like execute()'s
+        when Slurm refuses it, or None when jobd is stopping before it was sent."""
+        job_id = job["id"]
+        with active.lock:
+            reason = active.reason
+        if reason == "shutdown":
+            return None
+        if reason:
+            return CANCELLED, "job cancelled", None
+        tag = f"jobd-{job_id}-{uuid.uuid4().hex[:8]}"
+        self.store.set_submit_tag(job_id, tag)
+        with open(os.path.join(job_dir, RUN_SH), "rb") as f:
+            command = "./run.sh" if f.read(2) == b"#!" else RUN_WITH_SHELL
+        script = BATCH_SCRIPT.format(job_id=job_id, job_dir=shlex.quote(job_dir),
+                                     command=command, exit_file=EXIT_FILE)
+        own = json.loads(job["slurm_options"] or "{}")
+        argv = (["sbatch", "--parsable", f"--chdir={job_dir}", f"--job-name={tag}",
+                 f"--output={os.path.join(job_dir, STDOUT_FILE)}",
+                 f"--error={os.path.join(job_dir, STDERR_FILE)}", *self.cfg.slurm_option]
+                + [f"--{name}" if value is True else f"--{name}={value}"
+                   for name, value in own.items()])
+        code, out, err = self.call(argv, input=script, timeout=SBATCH_TIMEOUT)
+        first = out.strip().split(";")[0]
+        if code == 0 and first.isdigit():
+            slurm_id = int(first)
+            self.store.track(job_id, slurm_id, QUEUED, f"Slurm job {slurm_id}: PENDING", 0)
+            self.log("job", job=job_id, status=QUEUED, slurm_id=slurm_id)
+            with active.lock:
+                reason = active.reason
+            if reason == "cancel":
+                self.stop(job_id, slurm_id, reason)
+            return SUBMITTED
+        if code is None or SBATCH_UNSURE.search(err):
+            self.log("sbatch failed; Slurm may have the job all the same, so the poller will "
+                     "look it up before it is submitted again", level="warning", job=job_id,
+                     error=err)
+            with active.lock:
+                reason = active.reason
+            if reason == "cancel":
+                self.stop(job_id, None, reason)
+            return SUBMITTED
+        lines = [line for line in err.splitlines() if line.strip()] or [f"sbatch exit {code}"]
+        return FAILED, f"Slurm refused the job: {lines[-1]}", None
+
+    # -- the poller --------------------------------------------------------------------
+
+    def run(self, stopping):
+        while not stopping.is_set():
+            try:
+                self.poll()
+            except Exception:
+                self.log("slurm poller error", level="error", error=traceback.format_exc())
+            self.wakeup.wait(self.cfg.slurm_poll)
+            self.wakeup.clear()
+
+    def poll(self):
+        """One look at Slurm for every job in flight, and what follows from it."""
+        jobs = self.store.slurm_jobs()
+        in_flight = {job["id"] for job in jobs}
+        with self.lock:  # forget jobs that ended otherwise (deleted before Slurm said so)
+            for notes in (self.stopping, self.missing):
+                for job_id in set(notes) - in_flight:
+                    del notes[job_id]
+        known = {job["slurm_id"]: job for job in jobs if job["slurm_id"] > 0}
+        states = self.squeue(list(known))
+        if states is None:
+            return  # Slurm did not answer: nothing is concluded from silence
+        self.scancel_again(known, states)
+        for slurm_id, job in known.items():
+            seen = states.get(slurm_id) or self.find_ended(job)
+            if seen:
+                self.follow(job, *seen)
+        with self.runner.lock:
+            submitting = set(self.runner.active)
+        unsure = [job for job in jobs if job["slurm_id"] <= 0 and job["id"] not in submitting]
+        if unsure:
+            self.find_submissions(unsure)
+
+    def squeue(self, slurm_ids):
+        """{Slurm id: (state, wait status, reason)} for the ids Slurm still knows, in one
+        call (per SQUEUE_BATCH ids); None when Slurm did not answer."""
+        states = {}
+        for start in range(0, len(slurm_ids), SQUEUE_BATCH):
+            part = slurm_ids[start: start + SQUEUE_BATCH]
+            code, out, err = self.call(["squeue", "-h", "-t", "all", "-j",
+                                        ",".join(map(str, part)),
+                                        "-O", "JobID:|,State:|,exit_code:|,Reason:"])
+            if code != 0:
+                if code == 1 and len(part) == 1 and "Invalid job id" in err:
+                    continue  # one forgotten id alone is an error; among others, just absent
+                self.log("squeue failed", level="warning", error=err)
+                return None
+            for line in out.splitlines():
+                fields = [field.strip() for field in line.split("|")] + ["", "", ""]
+                if fields[0].isdigit():
+                    wait_status = int(fields[2]) if fields[2].isdigit() else 0
+                    states[int(fields[0])] = (fields[1], wait_status, fields[3])
+        return states
+
+    def follow(self, job, state, wait_status, reason):
+        """Bring a job's record up to date with what Slurm says of it."""
+        job_id, slurm_id = job["id"], job["slurm_id"]
+        with self.lock:
+            self.missing.pop(job_id, None)
+        status = SLURM_STATES.get(state, job["status"])  # a state new to jobd changes nothing
+        if status in FINISHED:
+            return self.end(job, state, wait_status, reason)
+        message = f"Slurm job {slurm_id}: {state}"
+        if reason and reason != "None":
+            message += f" ({reason})"
+        started = time.time() if status == RUNNING and job["status"] != RUNNING else None
+        if (status, message) != (job["status"], job["message"]):
+            self.store.track(job_id, slurm_id, status, message, slurm_id, started)
+        if status == RUNNING and job["timeout"]:
+            if time.time() >= (started or job["started_at"]) + job["timeout"]:
+                self.stop(job_id, slurm_id, "timeout")
+
+    def end(self, job, state, wait_status, reason):
+        """Record the end Slurm reported, with the job directory zipped as for a local job."""
+        job_id, slurm_id = job["id"], job["slurm_id"]
+        job_dir = self.store.job_dir(job_id)
+        with self.lock:
+            stopped_for = self.stopping.pop(job_id, [None])[0]
+            self.missing.pop(job_id, None)
+        status = SLURM_STATES[state]
+        where = f"Slurm job {slurm_id} {state}"
+        if reason not in ("", "None"):
+            where += f", {reason}"
+        code, signum = wait_status >> 8, wait_status & 0x7F
+        exit_code = None
+        if status == CANCELLED:
+            # after a restart the reason is gone, but a deadline that has passed still says it
+            late = (job["timeout"] and job["status"] == RUNNING
+                    and time.time() >= job["started_at"] + job["timeout"])
+            if stopped_for == "timeout" or (stopped_for is None and late):
+                status, message = FAILED, f"job timed out after {job['timeout']:g} s and was killed"
+            else:
+                message = "job cancelled" if stopped_for else f"job cancelled in Slurm ({where})"
+        elif (state == "FAILED" and (code == 97 or reason == "JobLaunchFailure")
+              and read_exit_file(job_dir) is None):
+            # the batch script's cd failed, or Slurm could not open the output files there
+            message = (f"could not finish the job, error: {where}: the compute node cannot "
+                       f"use {job_dir}: is DATAPATH on a file system the compute nodes share?")
+            exit_code = 97 if code == 97 else None
+        elif status == SUCCESS:
+            message, exit_code = "job finished successfully", 0
+        elif code or signum:
+            _, message, exit_code = describe_exit(code or -signum, os.devnull)
+            tail = last_line(os.path.join(job_dir, STDERR_FILE))
+            message += f" ({where})" + (f": {tail}" if tail else "")
+        else:
+            message = f"could not finish the job, error: {where}"
+        if self.runner.finish(job_id, status, message, exit_code, was=job["status"],
+                              slurm_id=slurm_id, leave_out=JOBD_FILES):
+            self.runner.metrics.job_finished(max(0.0, time.time() - (job["started_at"] or 0)))
+            self.log("job", job=job_id, status=status, exit_code=exit_code, slurm_id=slurm_id,
+                     message=None if status == SUCCESS else message)
+
+    def find_ended(self, job):
+        """(state, wait status, reason) of a job Slurm no longer lists: from the exit
+        status the batch script left, else from Slurm's jobcomp record. None while
+        neither is there; after SLURM_LOST_AFTER seconds the job is failed."""
+        exited = read_exit_file(self.store.job_dir(job["id"]))
+        if exited and exited[1] in (job["slurm_id"], None):
+            state = "COMPLETED" if exited[0] == 0 else "FAILED"
+            return state, exited[0] << 8, "exit status file"
+        record = self.jobcomp(job, slurm_id=job["slurm_id"])
+        if record:
+            state = record[0] if SLURM_STATES.get(record[0]) in FINISHED else "FAILED"
+            return state, record[1], record[2]
+        with self.lock:
+            first = self.missing.setdefault(job["id"], time.monotonic())
+        if time.monotonic() - first < SLURM_LOST_AFTER:
+            return None
+        message = (f"Slurm no longer knows job {job['slurm_id']}, and it left neither an exit "
+                   "status in the job directory nor a jobcomp record: it was probably "
+                   "cancelled, or its node failed, while jobd was not looking")
+        if self.runner.finish(job["id"], FAILED, message, None, was=job["status"],
+                              slurm_id=job["slurm_id"], leave_out=JOBD_FILES):
+            self.log("job", job=job["id"], status=FAILED, level="warning", message=message)
+        return None
+
+    def jobcomp(self, job, slurm_id=None, name=None):
+        """The last jobcomp/filetxt record of a job (by Slurm id or job name, in the job's
+        directory): (state, wait status, reason, Slurm id), or None."""
+        if self.jobcomp_file is None:
+            code, out, _ = self.call(["scontrol", "show", "config"])
+            if code != 0:
+                return None
+            config = dict(re.findall(r"^(\w+)\s*=\s*(.*?)\s*$", out, re.MULTILINE))
+            self.jobcomp_file = (config.get("JobCompLoc", "")
+                                 if config.get("JobCompType") == "jobcomp/filetxt" else "")
+        if not self.jobcomp_file:
+            return None
+        key = f"JobId={slurm_id} " if slurm_id else f" Name={name} "  # a quick first sieve
+        found = None
+        try:
+            with open(self.jobcomp_file, errors="replace") as f:
+                for line in f:
+                    if key not in line:
+                        continue
+                    record = parse_slurm_record(line)
+                    if (record.get("JobId") == str(slurm_id) if slurm_id
+                            else record.get("Name") == name) \
+                            and record.get("WorkDir", "") in ("", self.store.job_dir(job["id"])):
+                        found = record
+        except OSError:
+            return None
+        if found is None or not found.get("JobId", "").isdigit():
+            return None
+        code, _, signum = found.get("ExitCode", "0:0").partition(":")
+        wait_status = (int(code) << 8 | int(signum)) if (code + signum).isdigit() else 0
+        state = (found.get("JobState") or "FAILED").split()[0]
+        return state, wait_status, "jobcomp record", int(found["JobId"])
+
+    def find_submissions(self, jobs):
+        """Jobs whose sbatch may or may not have reached Slurm: follow each one Slurm has
+        (looked up by name, 500 names per squeue call), queue the others again."""
+        for start in range(0, len(jobs), 500):
+            tags = {job["submit_tag"]: job for job in jobs[start: start + 500]}
+            code, out, _ = self.call(["squeue", "-h", "-t", "all", "--name=" + ",".join(tags),
+                                      "-O", "JobID:|,Name:"])
+            if code != 0:
+                return  # ask again at the next poll
+            found = {}
+            for line in out.splitlines():
+                number, _, name = (part.strip() for part in line.partition("|"))
+                if number.isdigit() and name in tags:
+                    found[name] = max(found.get(name, 0), int(number))
+            for tag, job in tags.items():
+                self.found_or_not(job, found.get(tag))
+
+    def found_or_not(self, job, slurm_id):
+        """Follow a job found in Slurm (by name, by the exit status it left, or in jobcomp);
+        queue one Slurm has never seen again, or end it if it was cancelled meanwhile."""
+        job_id = job["id"]
+        exited = read_exit_file(self.store.job_dir(job_id))
+        if not slurm_id and exited and exited[1]:
+            slurm_id = exited[1]
+        if not slurm_id:
+            record = self.jobcomp(job, name=job["submit_tag"])
+            slurm_id = record and record[3]
+        with self.lock:
+            stopped_for = self.stopping.pop(job_id, [None])[0]
+        if slurm_id:
+            if self.store.track(job_id, slurm_id, QUEUED, f"Slurm job {slurm_id}: found", 0):
+                self.log("job", job=job_id, status=QUEUED, slurm_id=slurm_id,
+                         reason="found in Slurm by its name")
+                if stopped_for:
+                    self.stop(job_id, slurm_id, stopped_for)
+        elif stopped_for:
+            self.runner.finish(job_id, CANCELLED, "job cancelled")
+        else:
+            self.store.requeue(job_id, count_attempt=False)
+            self.log("job", job=job_id, status=QUEUED, reason="Slurm never got it; queued again")
+            self.runner.notify()
+
+    # -- cancel and time-out -------------------------------------------------------------
+
+    def stop(self, job_id, slurm_id, reason):
+        """scancel a job (once; see scancel_again); the poller records its end when Slurm
+        reports it, that is once Slurm has killed every process of the job."""
+        with self.lock:
+            if job_id in self.stopping:
+                return
+            self.stopping[job_id] = [reason, time.monotonic()]
+        if slurm_id:
+            self.scancel({job_id: slurm_id})
+        self.wakeup.set()
+
+    def scancel(self, slurm_ids):
+        """scancel {job id: Slurm id} in one call; asked again after 10 s while Slurm still
+        lists them as not ended (after one poll if the call failed)."""
+        code, _, err = self.call(["scancel", *map(str, slurm_ids.values())])
+        again = time.monotonic() + (10.0 if code == 0 else self.cfg.slurm_poll)
+        with self.lock:
+            for job_id in slurm_ids:
+                if job_id in self.stopping:
+                    self.stopping[job_id][1] = again
+        if code != 0:
+            self.log("scancel failed", level="warning", error=err)
+
+    def scancel_again(self, known, states):
+        now = time.monotonic()
+        with self.lock:
+            due = {job["id"]: slurm_id for slurm_id, job in known.items()
+                   if job["id"] in self.stopping and self.stopping[job["id"]][1] <= now
+                   and SLURM_STATES.get(states.get(slurm_id, ("",))[0]) in (QUEUED, RUNNING)}
+        if due:
+            self.scancel(due)
+
+    def cancel(self, job, deadline):
+        """Cancel a job in Slurm; wait until it has ended (or `deadline`). True."""
+        self.stop(job["id"], job["slurm_id"], "cancel")
+        while time.monotonic() < deadline:
+            job = self.store.get(job["id"])
+            if job is None or job["status"] in FINISHED:
+                break
+            time.sleep(0.05)
+        return True
+
+
+class Slurml:
+    """Forwards "slurml": true jobs to the slurml service as the Go daemon does
+    (domain/jobs/jobs_dto.go: PostToSlurml, GetFromSlurml): POST <url>/api/submit with
+    {"payload": <the input zip, base64>} and the raw token in Authorization -> 201
+    {"jobid": N}; then GET <url>/api/download/N every --slurml-poll -> 204 not ready,
+    206 {"output"} PARTIAL, 200 {"output"} SUCCESS, anything else FAILED. Unlike Go, a
+    service that cannot be reached is asked again at the next poll instead of failing
+    the job, and a job past its time limit is failed here (slurml has no cancel)."""
+
+    TIMEOUT = 60.0  # one request
+
+    def __init__(self, runner):
+        self.runner, self.store, self.cfg, self.log = runner, runner.store, runner.cfg, runner.log
+        self.wakeup = threading.Event()
+
+    def run(self, stopping):
+        next_poll = time.monotonic()
+        while not stopping.is_set():
+            try:
+                while not stopping.is_set():
+                    job = self.store.claim_next(slurml=True)
+                    if job is None:
+                        break
+                    self.forward(job)
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.cfg.slurml_poll
+                    for job in self.store.slurml_jobs():
+                        if stopping.is_set():
+                            break
+                        self.check(job)
+            except Exception:
+                self.log("slurml error", level="error", error=traceback.format_exc())
+            self.wakeup.wait(max(0.0, next_poll - time.monotonic()))
+            self.wakeup.clear()
+
+    def request(self, method, path, payload=None):
+        """One request to the service, as Go sends it: (status, body)."""
+        parts = urlsplit(self.cfg.slurml_url + path)  # Go appends the path to the URL as is
+        connection = (http.client.HTTPSConnection if parts.scheme == "https"
+                      else http.client.HTTPConnection)
+        conn = connection(parts.hostname, parts.port, timeout=self.TIMEOUT)
+        headers = {"Authorization": self.cfg.slurml_token, "User-Agent": f"jobd/{__version__}"}
+        body = None
+        if payload is not None:
+            # Go's body, byte for byte; the base64 is made as it is sent.
+            head, tail = b'{\n\t\t\t"payload": "', b'"\n\t\t}'
+            size = payload.seek(0, io.SEEK_END)
+            payload.seek(0)
+            headers["Content-Length"] = str(len(head) + 4 * ((size + 2) // 3) + len(tail))
+            body = itertools.chain(
+                [head], iter(lambda: base64.b64encode(payload.read(3 * 256 * KiB)), b""), [tail])
+        try:
+            conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                         body, headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def forward(self, job):
+        job_id = job["id"]
+        source = self.store.open_input(job_id)
+        if source is None:
+            return self.end(job, FAILED, "could not forward the job: its input is missing")
+        try:
+            with source:
+                status, body = self.request("POST", "/api/submit", source)
+        except (OSError, http.client.HTTPException) as e:
+            return self.end(job, FAILED, f"could not forward the job to slurml: {e}")
+        if status != 201:
+            return self.end(job, FAILED, f"slurml refused the job: HTTP {status}")
+        try:
+            jobid = json.loads(body)["jobid"]
+            assert isinstance(jobid, int) and not isinstance(jobid, bool) and jobid > 0
+        except (ValueError, TypeError, KeyError, AssertionError):
+            return self.end(job, FAILED, f"slurml accepted the job without a job id: "
+                                         f"{body[:100]!r}")
+        if self.store.track(job_id, jobid, RUNNING, f"forwarded to slurml as job {jobid}", 0):
+            self.log("job", job=job_id, status=RUNNING, slurml_jobid=jobid)
+
+    def check(self, job):
+        """Ask the service about one job; record its end if it has one."""
+        jobid = job["slurm_id"]
+        if job["timeout"] and time.time() >= job["started_at"] + job["timeout"]:
+            return self.end(job, FAILED, f"job timed out after {job['timeout']:g} s (slurml "
+                                         f"cannot cancel: its job {jobid} may still run there)")
+        try:
+            status, body = self.request("GET", f"/api/download/{jobid}")
+        except (OSError, http.client.HTTPException) as e:
+            self.log("slurml not reachable", level="warning", job=job["id"], error=str(e))
+            return
+        if status == 204:
+            return
+        if status in (200, 206):
+            try:
+                output = base64.b64decode(json.loads(body)["output"], validate=True)
+            except (ValueError, TypeError, KeyError, binascii.Error):
+                return self.end(job, FAILED, f"slurml job {jobid} answered an unreadable output")
+            if status == 200:
+                return self.end(job, SUCCESS, f"slurml job {jobid} finished", output)
+            return self.end(job, PARTIAL, f"slurml job {jobid} finished (partial output)", output)
+        self.end(job, FAILED, f"slurml job {jobid} failed (HTTP {status})")
+
+    def end(self, job, status, message, output=None):
+        """Record a forwarded job's end with its output (slurml's zip, or an empty one)."""
+        spool = self.store.spool()
+        spool.write(EMPTY_ZIP if output is None else output)
+        try:
+            finished = self.store.finish(job["id"], status, message, None, spool, was=RUNNING,
+                                         slurm_id=job["slurm_id"])
+        finally:
+            spool.discard()
+        if finished:
+            self.runner.callbacks.wakeup.set()
+            self.runner.metrics.job_finished(max(0.0, time.time() - (job["started_at"] or 0)))
+            self.log("job", job=job["id"], status=status,
+                     message=None if status == SUCCESS else message)
+        return finished
+
+    def cancel(self, job):
+        """End a forwarded job here (slurml has no cancel). True if it was still running."""
+        for _ in range(2):  # once more if it was being forwarded at that very moment
+            if self.end(job, CANCELLED, "job cancelled (slurml has no cancel: it may still "
+                        f"run there as job {job['slurm_id']})"):
+                return True
+            job = self.store.get(job["id"])
+            if job is None or job["status"] != RUNNING:
+                return False
+        return False
+
+
 # ====================================================================================
 # HTTP: request bodies
 # ====================================================================================
@@ -1600,8 +2351,11 @@ class RequestBody:
     the cap raises a JobdError; the handler then closes the connection.
     """
 
-    def __init__(self, rfile, headers, limit):
-        self.rfile, self.limit = rfile, limit
+    MIN_RATE = 1 * KiB  # bytes a second, on average, once `timeout` seconds have passed
+
+    def __init__(self, rfile, headers, limit, timeout=60.0):
+        self.rfile, self.limit, self.timeout = rfile, limit, timeout
+        self.started = time.monotonic()
         self.received = 0
         self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         self.left = 0       # bytes left in the body (or in the current chunk)
@@ -1629,11 +2383,14 @@ class RequestBody:
             self._next_chunk()
             if self.done:
                 return b""
-        data = self.rfile.read(min(size, self.left))
+        data = self.rfile.read1(min(size, self.left))  # what has come, so the rate is checked
         if not data:
             raise BadRequest("request body ended early")
         self.left -= len(data)
         self.received += len(data)
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.timeout and self.received < self.MIN_RATE * elapsed:
+            raise RequestTimeout("the request body is arriving too slowly")
         if self.received > self.limit:
             raise PayloadTooLarge(f"request body is larger than the limit of {self.limit} "
                                   "bytes (JOBD_MAX_UPLOAD)")
@@ -1707,7 +2464,7 @@ class UploadReader:
     and unknown keys are ignored.
     """
 
-    KNOWN = ("id", "slurml", "timeout", "callback")
+    KNOWN = ("id", "slurml", "timeout", "callback", "slurm")
     SMALL, LARGE = 64 * KiB, 16 * MiB
     STRUCTURE = re.compile(rb'["\[\]{}]')
     VALUE_END = re.compile(rb"[,}\]\s]")
@@ -2419,12 +3176,34 @@ class Headers(dict):
         return dict.__contains__(self, name.lower())
 
 
-def read_headers(rfile, most=100):
+def read_line(rfile, limit, sock=None, deadline=None):
+    """One line (up to limit+1 bytes), by at most one recv() at a time, so a deadline
+    holds even against a client that sends one byte at a time."""
+    line = b""
+    while len(line) <= limit:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request headers took too long")
+            sock.settimeout(left)
+        data = rfile.peek(1)[: limit + 1 - len(line)]
+        if not data:
+            break
+        end = data.find(b"\n")
+        line += rfile.read(end + 1 if end >= 0 else len(data))
+        if end >= 0:
+            break
+    return line
+
+
+def read_headers(rfile, sock=None, timeout=None, most=100):
     """Read a request's header section (http.server sends it through the email package,
-    which costs a third of the CPU time of a small request)."""
+    which costs a third of the CPU time of a small request). The whole section must come
+    within `timeout` seconds, so a client trickling it in cannot hold a thread forever."""
     headers = Headers()
+    deadline = time.monotonic() + timeout if timeout else None
     for _ in range(most):
-        line = rfile.readline(64 * KiB + 1)
+        line = read_line(rfile, 64 * KiB, sock, deadline)
         if len(line) > 64 * KiB:
             raise HeadersTooLarge("a request header line is too long")
         if line in (b"\r\n", b"\n", b""):
@@ -2571,7 +3350,11 @@ def openapi_document():
          "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
          "description": "time limit in seconds (capped by --max-timeout)"},
         {"name": "X-Jobd-Callback", "in": "header", "required": False,
-         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"}]
+         "schema": {"type": "string"}, "description": "URL to POST the status to at the end"},
+        {"name": "X-Jobd-Slurm", "in": "header", "required": False,
+         "schema": {"type": "string"}, "example": "partition=short; time=10",
+         "description": "the job's own sbatch options, 'name=value; name' (only those the "
+                        "server allows: --slurm-job-options)"}]
     paths = {
         "/api/upload": {"post": operation(
             "upload", "Submit a job, Go style: the zip as base64 inside JSON",
@@ -2690,7 +3473,13 @@ _STATE = {"type": "string", "enum": list(STATES)}
 SCHEMAS = {
     "Upload": _object({"id": _STRING, "input": dict(_STRING, format="byte"), "slurml": _BOOL,
                        "timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
-                       "callback": _STRING}, required=["id", "input"]),
+                       "callback": _STRING,
+                       "slurm": {"type": "object", "description": "the job's own sbatch "
+                                 "options, e.g. {\"time\": \"10\"} (only those the server "
+                                 "allows: --slurm-job-options)",
+                                 "additionalProperties": {"oneOf": [
+                                     _STRING, _INT, {"type": "boolean", "enum": [True]}]}}},
+                      required=["id", "input"]),
     "Job": _object({"LastUpdated": _TIME, "ID": _STRING, "Status": _STATE, "Path": _STRING,
                     "Input": _STRING, "Output": _STRING, "Message": _STRING, "SlurmID": _INT,
                     "Slurml": _BOOL, "ExitCode": _NULL_INT}),
@@ -2751,10 +3540,12 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = words
         try:
-            self.headers = read_headers(self.rfile)
+            self.headers = read_headers(self.rfile, self.connection, self.timeout)
         except JobdError as e:
             self.send_failure(e)
             return False
+        finally:
+            self.connection.settimeout(self.timeout)
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection or
                                  (self.request_version == "HTTP/1.0" and "keep-alive" not in connection))
@@ -2865,7 +3656,8 @@ class Handler(BaseHTTPRequestHandler):
         raise NotFound(f"no such endpoint: {path}")
 
     def request_body(self):
-        self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload)
+        self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload,
+                                self.app.cfg.request_timeout)
         return self.body
 
     def body_read(self):
@@ -2878,7 +3670,8 @@ class Handler(BaseHTTPRequestHandler):
         """Keep the connection only if this request's body has been read to its end."""
         try:
             if self.body is None:
-                self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload)
+                self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload,
+                                        self.app.cfg.request_timeout)
             if not self.body.drain(most=64 * KiB):
                 self.close_connection = True
         except (JobdError, OSError, ValueError):
@@ -2970,20 +3763,22 @@ class Handler(BaseHTTPRequestHandler):
             check_job_id(job_id)
             if not input_given:
                 raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
-            if slurml:
-                raise BadRequest("slurml jobs are not supported by this jobd")
-            options = self.job_options(fields.get("timeout"), fields.get("callback"))
+            if slurml and not (app.cfg.slurml_url and app.cfg.slurml_token):
+                raise BadRequest("slurml jobs are forwarded to a slurml service, and this jobd "
+                                 "has none: set SLURML_API_URL and SLURML_API_TOKEN")
+            options = self.job_options(fields.get("timeout"), fields.get("callback"),
+                                       fields.get("slurm"), slurml=bool(slurml))
             check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool, **options)
+            job = app.store.add(job_id, spool, slurml=bool(slurml), **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
 
-    def job_options(self, timeout, callback):
+    def job_options(self, timeout, callback, slurm=None, slurml=False):
         """A job's validated options: its time limit (its own, else the server's default,
-        capped by --max-timeout) and its callback URL."""
+        capped by --max-timeout), its callback URL and its own sbatch options."""
         cfg = self.app.cfg
         if timeout is not None:
             if isinstance(timeout, str):
@@ -2999,7 +3794,8 @@ class Handler(BaseHTTPRequestHandler):
             timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
         if callback is not None:
             check_callback_url(callback, cfg.callback_allow)
-        return {"timeout": timeout, "callback": callback}
+        return {"timeout": timeout, "callback": callback,
+                "slurm_options": check_slurm_options(slurm, cfg, slurml)}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -3053,7 +3849,8 @@ class Handler(BaseHTTPRequestHandler):
         """Stream the body to the store's spool, validate it like /api/upload, store it."""
         app = self.app
         options = self.job_options(self.headers.get("X-Jobd-Timeout"),
-                                   self.headers.get("X-Jobd-Callback"))
+                                   self.headers.get("X-Jobd-Callback"),
+                                   parse_slurm_header(self.headers.get("X-Jobd-Slurm")))
         spool = app.store.spool()
         try:
             body = self.request_body()
@@ -3426,6 +4223,1170 @@ class Server(ThreadingHTTPServer):
 
 
 # ====================================================================================
+# Client CLI: jobd submit | status | wait | fetch | logs | cancel | rm | ls
+# ====================================================================================
+# The executable that serves jobs is also their client. It speaks the resource API
+# (/api/jobs) and falls back to the Go API (/api/upload, /api/get) for submit, wait and
+# fetch when the server has only that. Payloads stream both ways: a folder is zipped on
+# the fly into a chunked request body, results go to disk as they arrive, so memory
+# stays flat whatever their size. stdout carries only results (ids, status, logs);
+# messages go to stderr, and the progress line only to a terminal.
+
+CLIENT_COMMANDS = ("submit", "status", "wait", "fetch", "logs", "cancel", "rm", "ls")
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+EXIT_ERROR = 110         # refused: bad input, a 4xx/5xx answer, unsafe or existing files
+EXIT_UNREACHABLE = 111   # no answer from jobd, or the connection was lost
+EXIT_UNAUTHORIZED = 112  # 401: missing or wrong token
+EXIT_NOT_FOUND = 113     # 404: no such job
+EXIT_FAILED = 114        # the job failed and has no exit code of its own
+EXIT_CANCELLED = 115
+EXIT_TIMED_OUT = 116
+EXIT_NOT_FINISHED = 117  # fetch of a job that is still queued or running
+EXIT_INTERRUPTED = 130   # Ctrl-C, as shells report it
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0        success (waiting: the job succeeded)
+  1-255    waiting: the job's own exit code (128+N: killed by signal N)
+  2        usage error
+  110      refused: bad folder or zip, an error answer, unsafe or existing files
+  111      jobd unreachable, or the connection was lost
+  112      unauthorized (401): set JOBD_TOKEN or --token-file
+  113      no such job (404)
+  114      the job failed without an exit code
+  115      the job was cancelled
+  116      the job timed out
+  117      fetch: the job has not finished yet
+  130      interrupted (Ctrl-C); the job keeps running"""
+
+CLIENT_SUMMARY = """\
+client commands (jobd COMMAND --help for each):
+  submit PATH   upload a job folder (run.sh at its top) or a .zip;
+                --wait -o DIR waits and unpacks the results into DIR
+  status ID     a job's status
+  wait ID       wait for a job to end and exit with its exit code
+  fetch ID      download and unpack a finished job's results (-o DIR)
+  logs ID       a job's stdout (--stderr; -f follows it live)
+  cancel ID     stop a queued or running job
+  rm ID         delete a job and its files
+  ls            list jobs, newest first (--status S)
+The client finds jobd at JOBD_URL (default http://127.0.0.1:8080), token in JOBD_TOKEN."""
+
+
+class ClientError(JobdError):
+    """A client command failed: a one-line message and the exit status to end with."""
+
+    def __init__(self, message, exit_code=EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NoEndpoint(ClientError):
+    """404 from something that is not a job: the server lacks the endpoint (a Go jobd)."""
+
+
+def say(message):
+    """A message on stderr (clearing a progress line first)."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}jobd: {message}", file=sys.stderr, flush=True)
+
+
+def note(message):
+    """A message for people only: shown when stderr is a terminal."""
+    if sys.stderr.isatty():
+        say(message)
+
+
+def human_bytes(count):
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def human_seconds(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """One line on stderr, redrawn in place at most 5 times a second; only on a terminal."""
+
+    def __init__(self, enabled=True):
+        self.on = enabled and sys.stderr.isatty()
+        self.shown = False
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    def show(self, text):
+        now = time.monotonic()
+        if not self.on or now - self.last < 0.2:
+            return
+        self.last = now
+        width = shutil.get_terminal_size().columns - 1
+        sys.stderr.write("\r\x1b[K" + text[:width])
+        sys.stderr.flush()
+        self.shown = True
+
+    def transfer(self, label, done, total=None):
+        rate = done / max(1e-3, time.monotonic() - self.started)
+        size = f"{human_bytes(done)} of {human_bytes(total)}" if total else human_bytes(done)
+        share = f"{100 * done // total}%  " if total else ""
+        self.show(f"{label}: {share}{size}  {human_bytes(rate)}/s")
+
+    def pause(self, seconds, text):
+        """Sleep, showing `text` and the time since the start (waiting for a job)."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self.show(f"{text}  {human_seconds(time.monotonic() - self.started)}")
+            time.sleep(min(0.25, max(0.0, until - time.monotonic())))
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+# -- talking to jobd ------------------------------------------------------------------
+
+class Api:
+    """A jobd server as the client sees it. One connection per request (Connection:
+    close), so a dropped connection never poisons the next request."""
+
+    def __init__(self, url, token=None, timeout=60.0):
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"invalid jobd URL {url!r}: use http://HOST:PORT")
+        self.url = url.rstrip("/")
+        self.scheme, self.host, self.prefix = parts.scheme, parts.hostname, parts.path.rstrip("/")
+        try:
+            self.port = parts.port
+        except ValueError:
+            raise ClientError(f"invalid port in jobd URL {url!r}") from None
+        self.token, self.timeout = token, timeout
+
+    def request(self, method, path, body=None, headers=None, ok=(200,), job_id=None,
+                timeout=None):
+        """Send a request; the response, body unread, when its status is in `ok`, else
+        ClientError (NoEndpoint for a 404 that is not about a job)."""
+        if self.scheme == "https":
+            connection = getattr(http.client, "HTTPSConnection", None)
+            if connection is None:
+                raise ClientError("https is not available in this build of jobd; use http://")
+        else:
+            connection = http.client.HTTPConnection
+        conn = connection(self.host, self.port, timeout=timeout or self.timeout)
+        sent = {"User-Agent": f"jobd/{__version__}", "Connection": "close", **(headers or {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        try:
+            try:
+                conn.request(method, self.prefix + path, body=body, headers=sent)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # jobd answered before reading the whole body (409, 413...): read it
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise self.lost(e, "sending" if body is not None else None) from None
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status in ok:
+            return resp
+        with resp:
+            try:
+                text = resp.read(64 * KiB)
+            except (OSError, http.client.HTTPException):
+                text = b""
+        raise self.refusal(resp.status, text, job_id)
+
+    def json(self, method, path, ok=(200,), **kwargs):
+        """The JSON answer to a request (small bodies only)."""
+        with self.request(method, path, ok=ok, **kwargs) as resp:
+            try:
+                return json.loads(resp.read(64 * MiB))
+            except (OSError, http.client.HTTPException) as e:
+                raise self.lost(e) from None
+            except ValueError:
+                raise ClientError(f"{self.url} did not answer with JSON; is it jobd?") from None
+
+    def refusal(self, status, text, job_id):
+        """The ClientError for an error answer (jobd's JSON error body, or any text)."""
+        try:
+            message, from_jobd = str(json.loads(text)["message"]), True
+        except (ValueError, TypeError, KeyError):
+            lines = text.decode("utf-8", "replace").strip().splitlines()
+            message, from_jobd = lines[0][:200] if lines else "no message", False
+        if status == 401:
+            return ClientError(f"unauthorized ({message}): set JOBD_TOKEN or --token-file",
+                               EXIT_UNAUTHORIZED)
+        if status == 404 and job_id is not None and "job not found" in message:
+            return ClientError(f"no job {job_id!r} on {self.url}", EXIT_NOT_FOUND)
+        if status == 404 and (not from_jobd or "no such endpoint" in message):
+            return NoEndpoint(f"{self.url} has no such endpoint ({message})", EXIT_NOT_FOUND)
+        return ClientError(f"{message} (HTTP {status})",
+                           EXIT_NOT_FOUND if status == 404 else EXIT_ERROR)
+
+    def lost(self, error, doing=None):
+        """ClientError for a failed connection, connect or transfer."""
+        if isinstance(error, ClientError):
+            return error
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        if isinstance(error, (socket.timeout, TimeoutError)):
+            reason = "timed out"
+        elif isinstance(error, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
+            reason = "the connection was closed"
+        if doing == "sending":
+            reason += " (if the upload was large, check jobd's upload limit)"
+        return ClientError(f"cannot reach jobd at {self.url}: {reason}", EXIT_UNREACHABLE)
+
+    def has_jobs_api(self):
+        """True when jobd has the resource API (/api/jobs), False when only the Go one."""
+        try:
+            self.json("GET", "/api/jobs?limit=1")
+            return True
+        except NoEndpoint:
+            return False
+
+    def job_status(self, job_id):
+        """A job's status object; None when jobd has only the Go API. No such job: 113."""
+        try:
+            return self.json("GET", job_path(job_id), job_id=job_id)
+        except NoEndpoint:
+            return None
+
+
+def job_path(job_id, *rest):
+    return "/".join(["/api/jobs", quote(job_id, safe="")] + list(rest))
+
+
+def read_token(token_file):
+    """The API token, as the server reads its own: from --token-file (or JOBD_TOKEN_FILE)
+    when given, else JOBD_TOKEN; None when neither."""
+    token_file = token_file or os.environ.get("JOBD_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClientError(f"cannot read the token file {token_file}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ClientError(f"the token file {token_file} is empty")
+        return token
+    return os.environ.get("JOBD_TOKEN", "").strip() or None
+
+
+# -- what is uploaded: a folder zipped on the fly, or a zip ----------------------------
+
+def folder_entries(folder):
+    """(path, name in the zip, size or None for a folder) of everything in a job folder,
+    sorted. Links are followed (as zip does), loops skipped; run.sh must be at the top."""
+    if not os.path.isfile(os.path.join(folder, RUN_SH)):
+        raise ClientError(f"{folder}: no {RUN_SH} at its top level; a job folder needs one")
+
+    def unreadable(error):
+        raise ClientError(f"cannot read {error.filename}: {error.strerror}")
+
+    entries, seen = [], set()
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        info = os.stat(root)
+        if (info.st_dev, info.st_ino) in seen:
+            say(f"warning: skipping {root}: a link back to a folder already included")
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()
+        relative = os.path.relpath(root, folder)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        if prefix:
+            entries.append((root, prefix, None))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                info = os.stat(path)
+            except OSError as e:
+                say(f"warning: skipping {path}: {e.strerror}")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                say(f"warning: skipping {path}: not a regular file")
+                continue
+            entries.append((path, prefix + name, info.st_size))
+    return entries
+
+
+class ZipPipe:
+    """A job folder zipped by a thread and read as a stream of chunks (a chunked request
+    body): only a few chunks are ever in memory, whatever the size of the folder."""
+
+    class ReaderGone(Exception):
+        pass
+
+    def __init__(self, entries):
+        self.entries = entries
+        self.chunks = queue.Queue(maxsize=4)
+        self.pending = bytearray()
+        self.closed = threading.Event()
+        threading.Thread(target=self.produce, name="zip", daemon=True).start()
+
+    def write(self, data):
+        """zipfile writes the archive here (in the zip thread)."""
+        if not self.pending and len(data) >= CHUNK:
+            self.put(bytes(data))
+            return len(data)
+        self.pending += data
+        if len(self.pending) >= CHUNK:
+            self.put(bytes(self.pending))
+            self.pending.clear()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def put(self, item):
+        while not self.closed.is_set():
+            with contextlib.suppress(queue.Full):
+                self.chunks.put(item, timeout=0.5)
+                return
+        raise self.ReaderGone()
+
+    def produce(self):
+        try:
+            # No seek or tell: zipfile writes sizes after each entry (data descriptors).
+            with zipfile.ZipFile(self, "w", zipfile.ZIP_DEFLATED, allowZip64=True,
+                                 strict_timestamps=False) as zf:
+                for path, name, size in self.entries:
+                    if size is None:
+                        zf.write(path, name)
+                        continue
+                    # zf.write() would copy in 8 KiB steps: a third of the CPU time
+                    info = zipfile.ZipInfo.from_file(path, name, strict_timestamps=False)
+                    info.compress_type, level = compression_for(path, size)
+                    # the level travels in the ZipInfo; its attribute is public since 3.13
+                    setattr(info, "compress_level" if hasattr(info, "compress_level")
+                            else "_compresslevel", level)
+                    with open(path, "rb") as src, zf.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+            self.put(bytes(self.pending))
+            self.put(None)
+        except Exception as e:
+            with contextlib.suppress(self.ReaderGone):
+                self.put(e)
+
+    def __iter__(self):
+        while True:
+            try:
+                item = self.chunks.get(timeout=600)
+            except queue.Empty:
+                raise ClientError("zipping the job folder stalled for 10 minutes") from None
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                detail = getattr(item, "strerror", None) or item
+                where = getattr(item, "filename", None)
+                raise ClientError(f"cannot zip the job folder: {detail}"
+                                  + (f": {where}" if where else ""))
+            yield item
+
+    def close(self):
+        self.closed.set()
+
+
+class Payload:
+    """A job to upload: `chunks` (the zip, streamed) and `size` (None when unknown)."""
+
+    def __init__(self, path):
+        self.path, self.pipe = path, None
+        if os.path.isdir(path):
+            self.pipe = ZipPipe(folder_entries(path))
+            self.chunks, self.size = iter(self.pipe), None
+            return
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [re.sub(r"^(\./)+", "", info.filename) for info in zf.infolist()]
+        except FileNotFoundError:
+            raise ClientError(f"{path}: no such file or folder") from None
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ClientError(f"{path}: not a folder, nor a readable zip ({e})") from None
+        if RUN_SH not in names:
+            raise ClientError(f"{path}: the zip has no {RUN_SH} at its top level")
+        self.size = os.path.getsize(path)
+        self.chunks = self.read_file(path)
+
+    @staticmethod
+    def read_file(path):
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    block = f.read(CHUNK)
+                    if not block:
+                        return
+                    yield block
+        except OSError as e:
+            raise ClientError(f"cannot read {path}: {e.strerror}") from None
+
+    def counted(self, chunks, progress, total):
+        sent = 0
+        for chunk in chunks:
+            yield chunk
+            sent += len(chunk)
+            progress.transfer("uploading", sent, total)
+
+    def close(self):
+        if self.pipe is not None:
+            self.pipe.close()
+
+
+def go_upload_body(job_id, chunks, timeout):
+    """The Go API's upload JSON, built on the fly around the base64 of the zip's chunks."""
+    fields = {"id": job_id, "slurml": False, **({"timeout": timeout} if timeout else {})}
+    yield (json.dumps(fields)[:-1] + ', "input": "').encode()
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        cut = len(data) - len(data) % 3  # whole groups of 3: no padding inside the text
+        carry = data[cut:]
+        yield base64.b64encode(data[:cut])
+    yield base64.b64encode(carry) + b'"}'
+
+
+def submit_job(api, payload, job_id, timeout, progress):
+    """Upload a job; its status object (resource API) or job object (Go API)."""
+    if job_id and not is_job_id(job_id):
+        raise ClientError(f"invalid job id {job_id!r}: 1 to 128 of A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit")
+    if not job_id:
+        resource_api = api.has_jobs_api()
+    else:  # asked first: a 409 would only come once the whole body is sent
+        try:
+            resource_api = api.job_status(job_id) is not None
+        except ClientError as e:
+            if e.exit_code != EXIT_NOT_FOUND:
+                raise
+            resource_api = True
+        else:
+            if resource_api:
+                raise ClientError(f"job {job_id!r} already exists on {api.url}")
+    headers = {"X-Jobd-Timeout": format(timeout, "g")} if timeout else {}
+    if resource_api:
+        headers["Content-Type"] = "application/zip"
+        if payload.size is not None:
+            headers["Content-Length"] = str(payload.size)
+        body = payload.counted(payload.chunks, progress, payload.size)
+        method, path = ("PUT", job_path(job_id)) if job_id else ("POST", "/api/jobs")
+        # jobd checks the whole zip before it answers: a long wait for a big one
+        job = api.json(method, path, body=body, headers=headers, ok=(201,), timeout=900)
+    else:
+        if timeout:
+            say("warning: this server has only the Go API; --timeout may be ignored")
+        job_id = job_id or uuid.uuid4().hex
+        headers["Content-Type"] = JSON_TYPE
+        total = None
+        if payload.size is not None:
+            prefix = next(go_upload_body(job_id, [], timeout))
+            total = len(prefix) + 4 * ((payload.size + 2) // 3) + 2
+            headers["Content-Length"] = str(total)
+        body = payload.counted(go_upload_body(job_id, payload.chunks, timeout), progress, total)
+        resp = api.request("POST", "/api/upload", body=body, headers=headers, ok=(201,),
+                           timeout=900)
+        with resp:
+            job = read_job_object(api, resp)  # Go echoes the whole input back: drop it
+    progress.clear()
+    return job, resource_api
+
+
+# -- waiting ----------------------------------------------------------------------------
+
+def job_exit_code(job):
+    """The exit status `wait` ends with for a finished job (see EXIT_CODES_HELP)."""
+    status, code, message = job.get("Status"), job.get("ExitCode"), job.get("Message") or ""
+    if status == SUCCESS:
+        return 0
+    if status == CANCELLED:
+        return EXIT_CANCELLED
+    # jobd's own words come first; what follows "exit status N: " is the job's stderr
+    own_words = re.split(r"(?:exit status \d+|signal: [\w ]+): ", message)[0]
+    if "timed out" in own_words:
+        return EXIT_TIMED_OUT
+    if code is None:  # the Go daemon has no ExitCode: read it from its message
+        match = re.search(r"exit status (\d+)", message)
+        code = int(match.group(1)) if match else None
+    return code if isinstance(code, int) and 0 < code < 256 else EXIT_FAILED
+
+
+def poll_job(api, job_id, progress, deadline_unreachable=60.0):
+    """Poll the status until the job has finished; its status object. A jobd that stops
+    answering (a restart) is waited for up to `deadline_unreachable` seconds."""
+    delay, lost_since, status = 0.1, None, "?"
+    while True:
+        try:
+            job = api.json("GET", job_path(job_id), job_id=job_id)
+            lost_since, status = None, job["Status"]
+            if status in FINISHED:
+                progress.clear()
+                return job
+        except ClientError as e:
+            if e.exit_code != EXIT_UNREACHABLE:
+                raise
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > deadline_unreachable:
+                raise
+            status = "jobd not answering"
+        progress.pause(delay, f"job {job_id}: {status}")
+        delay = min(delay * 1.5, 2.0)
+
+
+def follow_log(api, job_id, stream, out, reconnects=10):
+    """Copy a job's log to `out` as it grows, until the job ends. A dropped connection is
+    opened again and the bytes already copied are skipped (a log only grows)."""
+    copied, failures = 0, 0
+    while True:
+        try:
+            resp = api.request("GET", job_path(job_id, "logs", stream) + "?follow=1",
+                               job_id=job_id, timeout=300)
+            with resp:
+                position = 0
+                while True:
+                    data = resp.read1(64 * KiB)
+                    if not data:
+                        return
+                    fresh = data[max(0, copied - position):]
+                    position += len(data)
+                    if fresh:
+                        out.write(fresh)
+                        out.flush()
+                        copied += len(fresh)
+        except BrokenPipeError:
+            raise  # our own stdout was closed
+        except (ClientError, OSError, http.client.HTTPException) as e:
+            error = api.lost(e)
+            timed_out = isinstance(e, (socket.timeout, TimeoutError))
+            if error.exit_code != EXIT_UNREACHABLE or (not timed_out and failures >= reconnects):
+                raise error from None
+            failures += 0 if timed_out else 1  # a quiet job is no failure: only ask again
+            time.sleep(0 if timed_out else 1)
+
+
+def wait_go(api, job_id, progress, part=None):
+    """Go API: poll /api/get until the job has finished; its job object, with the result
+    zip decoded into the file `part` on the way (or dropped)."""
+    delay = 0.2
+    while True:
+        resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
+                           job_id=job_id)
+        with resp:
+            if resp.status != 202:
+                progress.started = time.monotonic()
+                with open_part(part) if part else contextlib.nullcontext() as output:
+                    return read_job_object(api, resp, output, progress)
+        progress.pause(delay, f"job {job_id}: not finished")
+        delay = min(delay * 1.5, 2.0)
+
+
+BIG_VALUE = re.compile(rb'"(Input|Output)"\s{0,16}:\s{0,16}"')
+
+
+def read_job_object(api, resp, output=None, progress=None):
+    """The Go job object from a response, streamed: "Output" (base64) is decoded into the
+    file `output` (or dropped) and "Input" dropped, so neither is ever held in memory."""
+    decoder = Base64File(output) if output else None
+    kept, buf, inside, sink, received = bytearray(), b"", False, None, 0
+    while True:
+        try:
+            chunk = resp.read(CHUNK)
+        except (OSError, http.client.HTTPException) as e:
+            raise api.lost(e) from None
+        if not chunk and resp.length:
+            raise ClientError(f"lost the connection to {api.url} during a download",
+                              EXIT_UNREACHABLE)
+        received += len(chunk)
+        if progress is not None:
+            progress.transfer("downloading", received, resp.length and received + resp.length)
+        buf += chunk
+        try:
+            while buf:
+                if inside:
+                    end = buf.find(b'"')
+                    if sink is not None:
+                        sink.write(buf if end < 0 else buf[:end])
+                    buf, inside = (b"", True) if end < 0 else (buf[end:], False)
+                    continue
+                match = BIG_VALUE.search(buf)
+                if match is None:  # keep the end: a key may be cut between two reads
+                    keep = max(0, len(buf) - 48) if chunk else len(buf)
+                    kept += buf[:keep]
+                    buf = buf[keep:]
+                    break
+                kept += buf[:match.end()]
+                buf, inside = buf[match.end():], True
+                sink = decoder if match.group(1) == b"Output" else None
+            if len(kept) > 16 * MiB:
+                raise ClientError(f"unexpected answer from {api.url}: a job object too large")
+            if not chunk:
+                if decoder is not None:
+                    decoder.close()
+                break
+        except BadRequest as e:  # from Base64File
+            raise ClientError(f"the job's output from {api.url} is not valid: {e.message}")
+    try:
+        return json.loads(kept)
+    except ValueError:
+        raise ClientError(f"{api.url} did not answer with a job object; is it jobd?") from None
+
+
+# -- results: download and safe extraction ------------------------------------------------
+
+def download_output(api, job_id, part, progress, attempts=3):
+    """Download a finished job's result zip into the file `part`, resuming what an earlier,
+    interrupted download left there (Range + If-Range, the ETag kept in part.etag).
+    A download cut after some progress is resumed at once, up to `attempts` times."""
+    tag_file = part + ".etag"
+    for attempt in range(attempts):
+        have = os.path.getsize(part) if os.path.isfile(part) else 0
+        tag = ""
+        with contextlib.suppress(OSError):
+            with open(tag_file, encoding="utf-8") as f:
+                tag = f.read().strip()
+        headers = {"Range": f"bytes={have}-", "If-Range": tag} if have and tag else {}
+        resp = api.request("GET", job_path(job_id, "output"), headers=headers,
+                           ok=(200, 202, 206, 416), job_id=job_id)
+        with resp:
+            if resp.status == 202:
+                state = json.loads(resp.read(64 * KiB) or b"{}").get("Status", "not finished")
+                raise ClientError(f"job {job_id} has not finished yet ({state}); "
+                                  f"jobd wait {job_id} -o DIR waits for it", EXIT_NOT_FINISHED)
+            total = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)",
+                                 resp.getheader("Content-Range", "") or "")
+            total = int(total.group(1)) if total else None
+            if resp.status == 416:
+                if total == have:
+                    return  # the earlier download was complete
+                os.unlink(part)
+                continue
+            start = 0
+            if resp.status == 206:
+                start = int(re.match(r"bytes (\d+)", resp.getheader("Content-Range")).group(1))
+                if start != have:
+                    os.unlink(part)
+                    continue
+            received = start
+            progress.started = time.monotonic()
+            with open_part(part, "ab" if start else "wb") as f:
+                if not start:
+                    total = int(resp.getheader("Content-Length", "0"))
+                    with open(tag_file, "w", encoding="utf-8") as tag:
+                        tag.write(resp.getheader("ETag", ""))
+                buf = memoryview(bytearray(CHUNK))
+                while received < total:
+                    try:
+                        count = resp.readinto(buf[:min(CHUNK, total - received)])
+                    except (OSError, http.client.HTTPException):
+                        break  # cut: what arrived is kept, and resumed below
+                    if not count:
+                        break
+                    f.write(buf[:count])
+                    received += count
+                    progress.transfer("downloading", received - start, total - start)
+            progress.clear()
+            if received == total:
+                return
+            if received == have or attempt == attempts - 1:
+                raise ClientError(f"the download of job {job_id}'s results was cut at "
+                                  f"{human_bytes(received)} of {human_bytes(total)}; "
+                                  "run the same command again to resume it", EXIT_UNREACHABLE)
+            time.sleep(0.5)
+    raise ClientError(f"jobd kept answering the download of job {job_id}'s results with "
+                      f"ranges that do not fit; remove {part} and try again")
+
+
+def open_beneath(root_fd, parts, where):
+    """A descriptor of the folder root/parts (made when missing), never through a link."""
+    fd = os.dup(root_fd)
+    try:
+        for number, part in enumerate(parts):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=fd)
+            try:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError:
+                path = os.path.join(where, *parts[:number + 1])
+                why = "a symbolic link" if os.path.islink(path) else "not a folder"
+                raise ClientError(f"refused to extract into {path}: it is {why}") from None
+            os.close(fd)
+            fd = inner
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def extract_results(zip_path, folder, force=False):
+    """Unpack a result zip into `folder`, safely: every name is checked before anything is
+    written (no absolute paths, no '..', no links), nothing is written through a link
+    already in the folder, and existing files are kept unless `force`. Files written."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ClientError(f"the job's result is not a readable zip: {e}") from None
+    with archive:
+        plan = []
+        for info in archive.infolist():
+            try:
+                parts = entry_parts(info.filename)
+            except BadRequest as e:
+                raise ClientError(f"refused to extract the results: {e.message}") from None
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ClientError(f"refused to extract the results: {info.filename!r} is a "
+                                  "symbolic link (fetch --zip FILE keeps the zip as it is)")
+            if parts:
+                plan.append((info, parts))
+        if not force:
+            for info, parts in plan:
+                path = os.path.join(folder, *parts)
+                if not info.is_dir() and os.path.lexists(path):
+                    raise ClientError(f"{path} exists; use --force to overwrite")
+        root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        written = 0
+        try:
+            for info, parts in plan:
+                if info.is_dir():
+                    os.close(open_beneath(root, parts, folder))
+                    continue
+                parent = open_beneath(root, parts[:-1], folder)
+                try:
+                    write_entry(archive, info, parts[-1], parent, force,
+                                os.path.join(folder, *parts))
+                finally:
+                    os.close(parent)
+                written += 1
+        finally:
+            os.close(root)
+        return written
+
+
+def write_entry(archive, info, name, parent, force, path):
+    """One file of a result zip, created in the folder `parent` (a descriptor)."""
+    if force:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise ClientError(f"{path} is a folder; it cannot be overwritten")
+            os.unlink(name, dir_fd=parent)
+    mode = (info.external_attr >> 16) & 0o777 or 0o644
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                     dir_fd=parent)
+    except FileExistsError:
+        raise ClientError(f"{path} exists; use --force to overwrite") from None
+    try:
+        with os.fdopen(fd, "wb") as dst, archive.open(info) as src:
+            shutil.copyfileobj(src, dst, CHUNK)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ClientError(f"the job's result zip is damaged ({info.filename}: {e})") from None
+
+
+def part_path(folder, job_id):
+    """Where a job's result zip is downloaded to before it is unpacked into `folder`."""
+    return os.path.join(folder, f".jobd-{job_id}.zip.part")
+
+
+def open_part(part, mode="wb"):
+    """Open the file a download goes to, making its folder first."""
+    folder = os.path.dirname(part)
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except OSError as e:
+        raise ClientError(f"cannot create {folder}: {e.strerror}") from None
+    return open(part, mode)
+
+
+def fetch_results(api, job_id, folder, force, progress, resource_api=True, downloaded=False):
+    """Download a finished job's results and unpack them into `folder`; the partial
+    download is kept in the folder until then, so a later fetch resumes it."""
+    part = part_path(folder, job_id)
+    if resource_api:
+        download_output(api, job_id, part, progress)
+    elif not downloaded:
+        fetch_go(api, job_id, part, progress)
+    try:
+        written = extract_results(part, folder, force)
+    except ClientError as e:
+        e.message += f" (the download is kept: {part})"
+        raise
+    for path in (part, part + ".etag"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    note(f"{written} files from job {job_id} in {folder}")
+
+
+def fetch_go(api, job_id, part, progress):
+    """Go API: the job object of a finished job, its output decoded into `part`."""
+    resp = api.request("GET", "/api/get/" + quote(job_id, safe=""), ok=(200, 202, 206),
+                       job_id=job_id)
+    with resp:
+        if resp.status == 202:
+            raise ClientError(f"job {job_id} has not finished yet", EXIT_NOT_FINISHED)
+        with open_part(part) as output:
+            return read_job_object(api, resp, output, progress)
+
+
+# -- the commands -------------------------------------------------------------------------
+
+def print_json(obj):
+    print(json.dumps(obj, indent=2), flush=True)
+
+
+def print_status(job):
+    """A status object for people, one field a line."""
+    code = job.get("ExitCode")
+    state = job["Status"] + (f" (exit code {code})" if code not in (None, 0) else "")
+    fields = [("ID", job["ID"]), ("Status", state), ("Message", job.get("Message"))]
+    for key in ("CreatedAt", "StartedAt", "FinishedAt"):
+        if job.get(key):
+            fields.append((key[:-2], job[key][:19].replace("T", " ") + " UTC"))
+    for key in ("InputBytes", "OutputBytes"):
+        if job.get(key) is not None:
+            fields.append((key[:-5], human_bytes(job[key])))
+    for name, value in fields:
+        if value not in (None, ""):
+            print(f"{name + ':':<10}{value}")
+
+
+def await_job(api, args, job_id, resource_api):
+    """wait, and submit --wait: wait for the job (following its stdout with --follow),
+    unpack its results into args.output, report, and return the job's exit status."""
+    progress = Progress(enabled=not args.follow)
+    try:
+        if resource_api:
+            if args.follow:
+                follow_log(api, job_id, "stdout", sys.stdout.buffer)
+            job = poll_job(api, job_id, progress)
+        else:
+            if args.follow:
+                say("warning: this server has only the Go API; it cannot stream logs")
+            # the answer that says the job is done also carries its output: keep it
+            part = part_path(args.output, job_id) if args.output else None
+            job = wait_go(api, job_id, progress, part)
+    except KeyboardInterrupt:
+        progress.clear()
+        return interrupted(api, args, job_id, resource_api)
+    try:
+        if args.output:
+            fetch_results(api, job_id, args.output, args.force, Progress(), resource_api,
+                          downloaded=True)
+    except KeyboardInterrupt:
+        say(f"interrupted; job {job_id} has finished: get its results with "
+            f"jobd fetch {job_id} -o {args.output}{url_hint(args)}")
+        return EXIT_INTERRUPTED
+    code = job_exit_code(job)
+    if args.json:
+        print_json(job)
+    if code == 0:
+        note(f"job {job_id}: {job['Status']}")
+    else:
+        say(f"job {job_id}: {job['Status']}: {job.get('Message') or 'no message'}")
+    return code
+
+
+def url_hint(args):
+    return f" --url {args.url}" if args.url else ""
+
+
+def interrupted(api, args, job_id, resource_api):
+    """Ctrl-C while waiting: leave the job running and say how to get it later; a second
+    Ctrl-C within 3 s, or --cancel-on-interrupt, cancels it instead."""
+    if not args.cancel_on_interrupt:
+        later = f"jobd wait {job_id}" + (f" -o {args.output}" if args.output else "")
+        say(f"stopped waiting; job {job_id} keeps running. Later: {later}{url_hint(args)}")
+        if not resource_api:
+            return EXIT_INTERRUPTED
+        say("press Ctrl-C again within 3 s to cancel the job")
+        try:
+            time.sleep(3)
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            pass
+    if not resource_api:
+        say(f"this server has only the Go API; it cannot cancel job {job_id}")
+        return EXIT_INTERRUPTED
+    try:
+        job = api.json("POST", job_path(job_id, "cancel"), job_id=job_id)
+    except ClientError as e:
+        if "already finished" not in e.message:
+            raise
+        job = api.json("GET", job_path(job_id), job_id=job_id)
+    say(f"job {job_id}: {job['Status']}")
+    return job_exit_code(job)
+
+
+def cmd_submit(api, args):
+    if args.output or args.follow:
+        args.wait = True
+    payload = Payload(args.path)
+    progress = Progress()
+    try:
+        job, resource_api = submit_job(api, payload, args.id, args.timeout, progress)
+    except KeyboardInterrupt:
+        progress.clear()
+        say("interrupted; the job was not submitted")
+        return EXIT_INTERRUPTED
+    finally:
+        payload.close()
+    job_id = job["ID"]
+    if args.json and not args.wait:
+        print_json(job)
+    elif args.follow:
+        note(f"job {job_id} submitted")
+    elif not args.json:
+        print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    return await_job(api, args, job_id, resource_api)
+
+
+def cmd_wait(api, args):
+    return await_job(api, args, args.id, api.job_status(args.id) is not None)
+
+
+def cmd_fetch(api, args):
+    job = api.job_status(args.id)
+    if job is not None and job["Status"] not in FINISHED:
+        raise ClientError(f"job {args.id} has not finished yet ({job['Status']}); "
+                          f"jobd wait {args.id} -o DIR waits for it", EXIT_NOT_FINISHED)
+    progress = Progress()
+    try:
+        if not args.zip:
+            fetch_results(api, args.id, args.output or args.id, args.force, progress,
+                          resource_api=job is not None)
+            return 0
+        if os.path.lexists(args.zip) and not args.force:
+            raise ClientError(f"{args.zip} exists; use --force to overwrite")
+        part = args.zip + ".part"
+        if job is not None:
+            download_output(api, args.id, part, progress)
+        else:
+            fetch_go(api, args.id, part, progress)
+        os.replace(part, args.zip)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part + ".etag")
+        return 0
+    except KeyboardInterrupt:
+        progress.clear()
+        say("interrupted; run the same command again to resume the download")
+        return EXIT_INTERRUPTED
+
+
+def cmd_status(api, args):
+    job = api.json("GET", job_path(args.id), job_id=args.id)
+    print_json(job) if args.json else print_status(job)
+    return 0
+
+
+def cmd_logs(api, args):
+    stream = "stderr" if args.stderr else "stdout"
+    if args.follow:
+        follow_log(api, args.id, stream, sys.stdout.buffer)
+        return 0
+    with api.request("GET", job_path(args.id, "logs", stream), job_id=args.id) as resp:
+        try:
+            shutil.copyfileobj(resp, sys.stdout.buffer, 64 * KiB)
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            raise api.lost(e) from None
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_cancel(api, args):
+    try:
+        job = api.json("POST", job_path(args.id, "cancel"), job_id=args.id)
+    except ClientError as e:
+        if "already finished" in e.message:
+            raise ClientError(f"job {args.id} has already finished; nothing to cancel") from None
+        raise
+    if args.json:
+        print_json(job)
+    note(f"job {args.id}: {job['Status']}")
+    return 0
+
+
+def cmd_rm(api, args):
+    api.request("DELETE", job_path(args.id), ok=(204,), job_id=args.id).close()
+    note(f"job {args.id} deleted")
+    return 0
+
+
+def cmd_ls(api, args):
+    statuses = ",".join(part.strip().upper() for value in args.status or []
+                        for part in value.split(",") if part.strip())
+    jobs, cursor = [], None
+    for _ in range(args.limit // LIST_LIMIT + 2):  # pages: bounded by the limit asked for
+        query = {"limit": min(LIST_LIMIT, args.limit - len(jobs))}
+        query.update({"status": statuses} if statuses else {})
+        query.update({"cursor": cursor} if cursor else {})
+        page = api.json("GET", "/api/jobs?" + "&".join(f"{k}={quote(str(v))}"
+                                                       for k, v in query.items()))
+        jobs += page["Jobs"]
+        cursor = page.get("Next")
+        if not cursor or len(jobs) >= args.limit:
+            break
+    if args.json:
+        print_json(jobs)
+        return 0
+    rows = [(job["ID"], job["Status"], "" if job.get("ExitCode") is None else str(job["ExitCode"]),
+             (job.get("CreatedAt") or "")[:19].replace("T", " "), job.get("Message") or "")
+            for job in jobs]
+    if sys.stdout.isatty():
+        rows.insert(0, ("ID", "STATUS", "EXIT", "CREATED (UTC)", "MESSAGE"))
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "fetch": cmd_fetch,
+            "logs": cmd_logs, "cancel": cmd_cancel, "rm": cmd_rm, "ls": cmd_ls}
+
+
+def positive(parse):
+    """An argparse type from a parse_* function, for values above 0 (its message kept)."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+    return convert
+
+
+def client_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help=f"jobd's address [JOBD_URL, default {DEFAULT_URL}]")
+    common.add_argument("--token-file", metavar="FILE",
+                        help="read the API token from FILE [JOBD_TOKEN_FILE, else "
+                        "JOBD_TOKEN]")
+    parser = argparse.ArgumentParser(prog="jobd", description="jobd's command-line client.",
+                                     epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, summary, description, codes=False):
+        return commands.add_parser(name, parents=[common], help=summary,
+                                   description=description,
+                                   epilog=EXIT_CODES_HELP if codes else None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def waiting(p):
+        p.add_argument("-o", "--output", metavar="DIR", help="unpack the results into DIR")
+        p.add_argument("--force", action="store_true", help="overwrite existing files in DIR")
+        p.add_argument("--follow", action="store_true",
+                       help="print the job's stdout live while waiting")
+        p.add_argument("--cancel-on-interrupt", action="store_true",
+                       help="Ctrl-C cancels the job (else it keeps running)")
+        p.add_argument("--json", action="store_true", help="print the final status as JSON")
+
+    p = command("submit", "upload a job folder or zip",
+                "Upload a job: a folder with run.sh at its top (zipped on the fly) or a .zip.\n"
+                "Prints the job's id. With --wait, waits and exits with the job's exit code.\n"
+                "example: jobd submit examples/hello --wait -o out/", codes=True)
+    p.add_argument("path", metavar="PATH", help="job folder or .zip")
+    p.add_argument("--id", help="the job's id (default: jobd picks one)")
+    p.add_argument("--timeout", metavar="SECONDS", type=positive(parse_duration),
+                   help="time limit for the job (e.g. 90, 30m, 2h)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end (-o and "
+                   "--follow imply it)")
+    waiting(p)
+    p = command("wait", "wait for a job to end",
+                "Wait for a job to end, optionally unpack its results, and exit with its\n"
+                "exit code. Ctrl-C stops waiting; the job keeps running.", codes=True)
+    p.add_argument("id", metavar="ID")
+    waiting(p)
+    p = command("fetch", "download a finished job's results",
+                "Download a finished job's results and unpack them (default: into ./ID).\n"
+                "An interrupted download is resumed by running the same command again.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-o", "--output", metavar="DIR", help="unpack into DIR (default: ./ID)")
+    p.add_argument("--zip", metavar="FILE", help="save the result zip as FILE instead")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p = command("status", "show a job's status", "Show a job's status.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the status object as JSON")
+    p = command("logs", "print a job's stdout or stderr",
+                "Print a job's stdout (or --stderr) so far; -f follows it until the job ends.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the log live")
+    p.add_argument("--stderr", action="store_true", help="the job's stderr instead")
+    p = command("cancel", "stop a queued or running job",
+                "Cancel a job: a queued job never starts, a running one is stopped.")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print the status object as JSON")
+    p = command("rm", "delete a job and its files",
+                "Delete a job (cancelling it first if needed) and all its files.")
+    p.add_argument("id", metavar="ID")
+    p = command("ls", "list jobs", "List jobs, newest first.")
+    p.add_argument("--status", action="append", metavar="S",
+                   help=f"only jobs in state S (repeatable; {', '.join(STATES)})")
+    p.add_argument("--limit", type=positive(parse_count), default=50, metavar="N",
+                   help="at most N jobs (default 50)")
+    p.add_argument("--json", action="store_true", help="print a JSON array of status objects")
+    return parser
+
+
+def count_interrupts_once():
+    """Make one Ctrl-C one KeyboardInterrupt. A frozen jobd runs under bootloaders that
+    forward SIGINT to it while the terminal sends it too: copies within 0.3 s are dropped
+    (else one Ctrl-C would count as the second one, which cancels the job)."""
+    last = []
+
+    def on_interrupt(signum, frame):
+        now = time.monotonic()
+        if last and now - last[-1] < 0.3:
+            return
+        last[:] = [now]
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored by `&`
+        signal.signal(signal.SIGINT, on_interrupt)
+
+
+def client_main(argv):
+    """Run one client command; its exit status. Errors are one line, never a traceback."""
+    args = client_parser().parse_args(argv)
+    count_interrupts_once()
+    url = args.url or os.environ.get("JOBD_URL") or DEFAULT_URL
+    try:
+        api = Api(url, read_token(args.token_file))
+        return COMMANDS[args.command](api, args)
+    except NoEndpoint as e:
+        if args.command in ("submit", "wait", "fetch"):
+            say(f"{e.message}; is {url} a jobd?")
+        else:
+            say(f"{url} has no /api/jobs (a Go jobd?); `jobd {args.command}` needs it")
+        return EXIT_ERROR
+    except ClientError as e:
+        say(e.message)
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # local files: the network's errors are ClientErrors by now
+        say(f"{e.filename or 'error'}: {e.strerror or e}")
+        return EXIT_ERROR
+    except Exception as e:
+        say(f"unexpected error: {type(e).__name__}: {e}")
+        return EXIT_ERROR
+
+
+# ====================================================================================
 # Main
 # ====================================================================================
 
@@ -3473,7 +5434,9 @@ def serve(cfg):
             "run jobs", level="warning")
     log(f"listening on http://{host}:{port}", version=__version__, workers=cfg.workers,
         data=app.store.data_dir, db=os.path.abspath(cfg.db_file))
-    while not stop.wait(3600):
+    # Wake up often: a signal the kernel delivers to another thread only sets a flag, and
+    # Python runs the handler when the main thread next runs (a long wait would hide it).
+    while not stop.wait(0.2):
         pass
     log("stopping", signal=received[0] if received else None, grace=cfg.grace)
     server.shutdown()
@@ -3486,11 +5449,16 @@ def serve(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:
+        return client_main(argv)
     parser = argparse.ArgumentParser(
-        prog="jobd", description="Serve jobs (a zip holding run.sh) over HTTP.",
-        epilog="Flags win over environment variables, shown in [brackets].")
+        prog="jobd", usage="jobd [serve] [server flags]\n       jobd COMMAND [options]",
+        description="Serve jobs (a zip holding run.sh) over HTTP, or, with a COMMAND, "
+                    "talk to a jobd as its client.",
+        epilog="Server flags win over environment variables, shown in [brackets].\n\n"
+               + CLIENT_SUMMARY, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jobd {__version__}")
-    server_arguments(parser)
+    server_arguments(parser.add_argument_group("server flags"))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     cfg = load_config(parser.parse_args(argv), os.environ)

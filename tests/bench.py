@@ -11,7 +11,9 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import socket
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -26,8 +28,8 @@ from conftest import ROOT, Jobd, make_zip  # noqa: E402
 MB = 1_000_000
 
 
-def start_jobd(workdir, *args):
-    return Jobd([sys.executable, str(ROOT / "jobd.py")], workdir, args).start()
+def start_jobd(workdir, *args, env=None):
+    return Jobd([sys.executable, str(ROOT / "jobd.py")], workdir, args, env).start()
 
 
 def peak_rss_reset(pid):
@@ -79,9 +81,9 @@ def drain(reader, length):
 
 # ---- measurements -----------------------------------------------------------------------
 
-def latency(workdir, runs=30):
+def latency(workdir, runs=30, args=(), env=None):
     """Upload -> result of a trivial job (one keep-alive client, polling every 1 ms)."""
-    server = start_jobd(workdir)
+    server = start_jobd(workdir, *args, env=env)
     payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
     conn = http.client.HTTPConnection("127.0.0.1", server.port)
     times = []
@@ -106,11 +108,11 @@ def latency(workdir, runs=30):
     return statistics.median(times)
 
 
-def burst(workdir, jobs=200, repeats=3):
+def burst(workdir, jobs=200, repeats=3, args=(), env=None):
     """200 trivial jobs submitted at once (16 clients); jobs/s until all have finished."""
     rates = []
     for repeat in range(repeats):
-        server = start_jobd(os.path.join(workdir, f"burst{repeat}"))
+        server = start_jobd(os.path.join(workdir, f"burst{repeat}"), *args, env=env)
         payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
         bodies = [json.dumps({"id": f"b{i}", "input": payload}) for i in range(jobs)]
 
@@ -262,12 +264,129 @@ def raw_round_trip(workdir, size_mb=300, repeats=3):
     return tuple(statistics.median(v) for v in (up, up_rss, down, down_rss))
 
 
+def plain_slurm(cluster, workdir, jobs=200, runs=20):
+    """The same trivial jobs with plain sbatch, no jobd: (jobs/s for 200 submitted at once by
+    16 threads, until squeue says all COMPLETED; median sbatch -> COMPLETED of one job, with
+    squeue asked every 10 ms)."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+
+    def sbatch():
+        return str(cluster.sbatch("--chdir", workdir, "-o", "/dev/null", "--wrap", "true"))
+
+    def completed(ids):
+        out = cluster.run("squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%T").stdout
+        return out.split().count("COMPLETED") == len(ids)
+
+    started = time.perf_counter()
+    ids = []
+    threads = [threading.Thread(target=lambda: ids.extend(sbatch() for _ in range(jobs // 16)))
+               for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids += [sbatch() for _ in range(jobs - len(ids))]
+    deadline = time.monotonic() + 300
+    while not completed(ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rate = jobs / (time.perf_counter() - started)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        job = [sbatch()]
+        while not completed(job) and time.perf_counter() - started < 60:
+            time.sleep(0.01)
+        times.append((time.perf_counter() - started) * 1000)
+    return rate, statistics.median(times)
+
+
+def slurm_vs_local(workdir, jobs=200, runs=20):
+    """The same trivial jobs run here, through jobd --executor slurm (default --slurm-poll),
+    and with plain sbatch, on a real single-node Slurm started on this machine for the
+    measurement. None (with the reason printed) when Slurm cannot run here."""
+    from slurm_cluster import SlurmCluster, skip_reason
+    reason = skip_reason()
+    if reason:
+        print(f"  slurm: skipped: {reason}", file=sys.stderr)
+        return None
+    with SlurmCluster() as cluster:
+        slurm = ["--executor", "slurm"]
+        figures = {
+            "local_rate": burst(os.path.join(workdir, "local"), jobs, repeats=1),
+            "slurm_rate": burst(os.path.join(workdir, "slurm"), jobs, repeats=1, args=slurm,
+                                env=cluster.env),
+            "local_ms": latency(os.path.join(workdir, "local-latency"), runs),
+            "slurm_ms": latency(os.path.join(workdir, "slurm-latency"), runs, slurm, cluster.env),
+        }
+        figures["plain_rate"], figures["plain_ms"] = plain_slurm(
+            cluster, os.path.join(workdir, "plain"), jobs, runs)
+    return figures
+
+def run_measured(argv, cwd, env, timeout=600):
+    """Run a command to its end: (seconds, exit status, its peak RSS in MB, from wait4)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() - started > timeout:
+            proc.kill()
+            raise RuntimeError(f"{argv} took more than {timeout} s")
+        time.sleep(0.005)
+    seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, proc.returncode, usage.ru_maxrss * 1024 / MB
+
+
+def client_round_trip(workdir, size_mb=200, repeats=3):
+    """`jobd submit` of a 200 MB folder (zipped on the fly), then `jobd fetch -o` of its
+    200 MB result (download and unpack): MB/s each way and the client's peak RSS in MB."""
+    folder = Path(workdir) / "job"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.sh").write_text("true\n")
+    with open(folder / "random.bin", "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(MB))
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    server = start_jobd(os.path.join(workdir, "server"))
+    env = dict(os.environ, JOBD_URL=f"http://127.0.0.1:{server.port}")
+    client = [sys.executable, str(ROOT / "jobd.py")]
+    up, down, peaks = [], [], []
+    try:
+        for repeat in range(repeats):
+            job = f"client{repeat}"
+            seconds, code, rss = run_measured(client + ["submit", str(folder), "--id", job],
+                                              workdir, env)
+            assert code == 0, f"submit exited {code}"
+            up.append(total / MB / seconds)
+            peaks.append(rss)
+            deadline = time.monotonic() + 300
+            while (json.loads(server.request("GET", f"/api/jobs/{job}").body)["Status"]
+                   != "SUCCESS" and time.monotonic() < deadline):
+                time.sleep(0.2)
+            output = json.loads(server.request("GET", f"/api/jobs/{job}").body)["OutputBytes"]
+            out = Path(workdir) / "out"
+            seconds, code, rss = run_measured(client + ["fetch", job, "-o", str(out)],
+                                              workdir, env)
+            assert code == 0, f"fetch exited {code}"
+            assert (out / "random.bin").stat().st_size == size_mb * MB
+            down.append(output / MB / seconds)
+            peaks.append(rss)
+            shutil.rmtree(out)
+            server.request("DELETE", f"/api/jobs/{job}")
+    finally:
+        server.stop()
+    return statistics.median(up), statistics.median(down), max(peaks)
+
+
 # ---- the table --------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", help="run one measurement: latency, burst, rate, "
-                        "output, raw")
+                        "output, raw, slurm, client")
     args = parser.parse_args()
     rows = []
 
@@ -305,6 +424,28 @@ def main():
                 down >= 200)
             row("  peak RSS during the download", down_rss, "MB", "<= 100 MB", "-",
                 down_rss <= 100)
+        if wanted("slurm"):
+            slurm = slurm_vs_local(os.path.join(tmp, "slurm"))
+            if slurm:
+                row("200 trivial jobs at once, local (same run)", slurm["local_rate"], "jobs/s",
+                    "-", "-", True)
+                row("  through jobd --executor slurm", slurm["slurm_rate"], "jobs/s", "-", "-",
+                    True)
+                row("  plain sbatch, no jobd", slurm["plain_rate"], "jobs/s", "-", "-", True)
+                row("upload -> result, local (same run)", slurm["local_ms"], "ms", "-", "-", True)
+                row("  through jobd --executor slurm", slurm["slurm_ms"], "ms", "-", "-", True)
+                row("  added per job by Slurm", slurm["slurm_ms"] - slurm["local_ms"], "ms", "-",
+                    "-", True)
+                by_jobd = slurm["slurm_ms"] - slurm["plain_ms"]
+                row("  of which jobd (vs plain sbatch)", by_jobd, "ms",
+                    "<= 1,000 ms (--slurm-poll)", "-", by_jobd <= 1000)
+        if wanted("client"):
+            up, down, rss = client_round_trip(os.path.join(tmp, "client"))
+            row("jobd submit, 200 MB folder (zipped on the fly)", up, "MB/s", ">= 100 MB/s",
+                "-", up >= 100)
+            row("jobd fetch -o, 200 MB result (download, unpack)", down, "MB/s",
+                ">= 100 MB/s", "-", down >= 100)
+            row("  client's peak RSS (submit, fetch)", rss, "MB", "<= 50 MB", "-", rss <= 50)
 
     widths = [max(len(str(r[i])) for r in rows + [HEADER]) for i in range(5)]
     for line in [HEADER, tuple("-" * w for w in widths)] + rows:

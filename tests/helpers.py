@@ -14,7 +14,6 @@ import struct
 import time
 import weakref
 import zlib
-from pathlib import Path
 
 GO_ERROR_KEYS = ["error", "message", "status"]
 JOB_KEYS = ["LastUpdated", "ID", "Status", "Path", "Input", "Output", "Message", "SlurmID",
@@ -88,14 +87,31 @@ def job_rows(db_file):
         db.close()
 
 
-def assert_nothing_stored(server, job_id=None):
-    """No record (GET is 404), no job directory and no file under the data directory."""
+def store_state(server):
+    """What a jobd holds: its records, job directories and files (the trash aside)."""
+    files = [path for path in stored_files(server.data)
+             if not path.startswith(os.path.join(".jobd", "trash") + os.sep)]
+    return job_rows(server.db), job_dirs(server.data), files
+
+
+def assert_nothing_stored(server, job_id=None, before=None):
+    """No record (GET is 404), no job directory and no file under the data directory;
+    or, given the store_state() `before` a request, nothing more than then."""
     if job_id is not None and isinstance(job_id, str) and "/" not in job_id and job_id:
         resp = server.get(job_id)
         assert resp.status == 404, resp
-    assert job_rows(server.db) == {}
-    assert job_dirs(server.data) == []
-    assert stored_files(server.data) == []
+    assert store_state(server) == (before or ({}, [], []))
+
+
+def shared_server(command, workdir):
+    """A started Jobd for a whole module's worth of tests that store nothing (each one
+    checks it left the store as it found it): saves a start per test. Killed after."""
+    from conftest import Jobd
+    server = Jobd(command, workdir, ["--request-timeout", "2s"]).start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 def tree_size(path):
@@ -243,8 +259,3 @@ def zeros_deflated(mebibytes):
     for _ in range(mebibytes):
         crc = zlib.crc32(zeros, crc)
     return block * mebibytes + tail, crc
-
-
-def write_file(path, text):
-    Path(path).write_text(text)
-    return Path(path)

@@ -5,7 +5,9 @@ Each test talks to a real jobd on 127.0.0.1 and runs real run.sh scripts.
 """
 
 import base64
+import hashlib
 import http.client
+import io
 import json
 import os
 import random
@@ -17,9 +19,17 @@ import zipfile
 
 import pytest
 
-from conftest import make_zip, unzip
+from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JOB_KEYS, JSON_TYPE, RFC3339_UTC, assert_go_error, assert_nothing_stored,
-                     gate_script, raw_connect, read_response, raw_zip, upload_body, zip_entry)
+                     gate_script, raw_connect, raw_zip, shared_server, store_state,
+                     upload_body, zip_entry)
+
+
+@pytest.fixture(scope="module", params=IMPLEMENTATIONS)
+def shared(request, tmp_path_factory):
+    """One jobd for this module's tests that leave nothing behind."""
+    yield from shared_server(jobd_command(request.param), tmp_path_factory.mktemp("shared"))
+
 
 TRIVIAL = make_zip({"run.sh": "echo ok\n"})
 
@@ -142,20 +152,22 @@ WRONG_BODIES = {
 
 
 @pytest.mark.parametrize("name", sorted(WRONG_BODIES))
-def test_wrong_json_is_a_go_400(jobd, name):
+def test_wrong_json_is_a_go_400(shared, name):
+    before = store_state(shared)
     body = WRONG_BODIES[name] % base64.b64encode(TRIVIAL).decode()
-    assert_go_error(post(jobd, body), 400, "bad_request")
-    assert_nothing_stored(jobd, "x1")
-    assert jobd.get("x1").status == 404
+    assert_go_error(post(shared, body), 400, "bad_request")
+    assert_nothing_stored(shared, "x1", before=before)
+    assert shared.get("x1").status == 404
 
 
 @pytest.mark.parametrize("body", [
     '{"input": "%s"}', '{"id": "", "input": "%s"}', '{"id": null, "input": "%s"}',
     '{"ID": "", "input": "%s"}', '{}%.0s'])
-def test_missing_or_empty_id_has_the_go_message(jobd, body):
-    resp = post(jobd, body % base64.b64encode(TRIVIAL).decode())
+def test_missing_or_empty_id_has_the_go_message(shared, body):
+    before = store_state(shared)
+    resp = post(shared, body % base64.b64encode(TRIVIAL).decode())
     assert_go_error(resp, 400, "bad_request", "error validating job job id is required")
-    assert_nothing_stored(jobd)
+    assert_nothing_stored(shared, before=before)
 
 
 # ==================================================================================
@@ -182,7 +194,6 @@ def test_the_201_arrives_after_a_large_input_is_stored(jobd):
     check_job_object(resp, "big-in", "QUEUED")
     job, files = jobd.output("big-in")
     assert files["payload"] == payload
-    import hashlib
     assert files["sum"].split()[0].decode() == hashlib.sha256(payload).hexdigest()
 
 
@@ -229,22 +240,22 @@ REFUSED_INPUTS = {
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED_INPUTS))
-def test_unrunnable_input_is_400_and_nothing_is_stored(jobd, name):
-    resp = post(jobd, json.dumps(REFUSED_INPUTS[name]()))
+def test_unrunnable_input_is_400_and_nothing_is_stored(shared, name):
+    before = store_state(shared)
+    resp = post(shared, json.dumps(REFUSED_INPUTS[name]()))
     body = assert_go_error(resp, 400, "bad_request")
     assert body["message"] != "error validating job job id is required"
-    assert_nothing_stored(jobd, "bad")
+    assert_nothing_stored(shared, "bad", before=before)
     assert not os.path.exists(SLIP_OUTSIDE)
-    assert set(os.listdir(jobd.workdir)) <= {"data", "jobd.sqlite3", "jobd.sqlite3-wal",
-                                            "jobd.sqlite3-shm"}
-    # and the daemon is alive and well: the next good upload runs
-    assert jobd.upload("good", {"run.sh": "echo fine\n"}).status == 201
-    assert jobd.output("good")[1]["jobd.stdout"] == b"fine\n"
+    assert set(os.listdir(shared.workdir)) <= {"data", "jobd.sqlite3", "jobd.sqlite3-wal",
+                                              "jobd.sqlite3-shm"}
+    # and the daemon is alive and well
+    assert shared.get("bad").status == 404 and shared.proc.poll() is None
 
 
-def test_messages_say_what_is_wrong(jobd):
+def test_messages_say_what_is_wrong(shared):
     def message(body):
-        return assert_go_error(post(jobd, json.dumps(body)), 400, "bad_request")["message"]
+        return assert_go_error(post(shared, json.dumps(body)), 400, "bad_request")["message"]
 
     assert "input" in message(REFUSED_INPUTS["no-input"]()).lower()
     assert "base64" in message(REFUSED_INPUTS["not-base64"]()).lower()
@@ -257,10 +268,11 @@ def test_messages_say_what_is_wrong(jobd):
 @pytest.mark.parametrize("job_id", ["a/b", "../x", "..", ".", ".hidden", "-dash", "_under",
                                     "a b", "a\\b", "tab\there", "caf\u00e9", "a" * 129,
                                     "new\nline", "semi;colon", "q?x", "pct%2F"])
-def test_bad_ids_are_400_and_nothing_is_stored(jobd, job_id):
-    assert_go_error(jobd.upload(job_id, {"run.sh": "echo x\n"}), 400, "bad_request")
-    assert_nothing_stored(jobd)
-    assert not os.path.exists(jobd.workdir / "x")
+def test_bad_ids_are_400_and_nothing_is_stored(shared, job_id):
+    before = store_state(shared)
+    assert_go_error(shared.upload(job_id, {"run.sh": "echo x\n"}), 400, "bad_request")
+    assert_nothing_stored(shared, before=before)
+    assert not os.path.exists(shared.workdir / "x")
 
 
 @pytest.mark.parametrize("job_id", ["a", "Z9", "a" * 128, "v1.2_3-rc", "0", "A.b-C_d",
@@ -305,8 +317,8 @@ def test_slurml_true_is_not_accepted_silently(jobd):
 # ==================================================================================
 
 @pytest.mark.parametrize("job_id", ["nope", "a" * 200, "..%2F..%2Fetc", "%00", ".jobd"])
-def test_unknown_job_is_404_job_not_found(jobd, job_id):
-    resp = jobd.get(job_id)
+def test_unknown_job_is_404_job_not_found(shared, job_id):
+    resp = shared.get(job_id)
     assert_go_error(resp, 404, "not_found", "job not found")
     assert resp.body == b'{"error":"not_found","message":"job not found","status":404}'
 
@@ -351,7 +363,7 @@ def test_finished_job_output_is_the_whole_directory(jobd):
     assert files["jobd.stdout"] == b"to-stdout\n"
     assert files["jobd.stderr"] == b"to-stderr\n"
     assert "empty/" in files  # an empty folder run.sh made is kept
-    with zipfile.ZipFile(__import__("io").BytesIO(raw)) as zf:
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
         assert zf.testzip() is None
         info = zf.getinfo("top.txt")
         assert info.compress_type == zipfile.ZIP_DEFLATED
@@ -442,14 +454,13 @@ def test_large_input_round_trips_byte_exact(jobd):
     job, files = jobd.output("mb", timeout=60)
     assert job["Status"] == "SUCCESS"
     assert files["blob.bin"] == blob and files["dir/text.txt"] == text
-    import hashlib
     assert files["sums"].split()[0].decode() == hashlib.sha256(blob).hexdigest()
 
 
-def test_default_upload_cap_is_at_least_1_gib(jobd):
+def test_default_upload_cap_is_at_least_1_gib(shared):
     # The orchestrator sends JSON bodies of ~550 MB; ask with Expect: 100-continue and
     # do not send the body: jobd must invite it, not refuse it.
-    with raw_connect(jobd.port) as sock:
+    with raw_connect(shared.port) as sock:
         sock.sendall(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
         sock.settimeout(10)
@@ -573,6 +584,24 @@ def test_serving_a_large_output_does_not_grow_memory(jobd):
     assert len(files["big.bin"]) == size
 
 
+def test_receiving_a_large_upload_does_not_grow_memory(jobd):
+    # The orchestrator sends up to ~550 MB of JSON: jobd decodes "input" as it arrives.
+    blob = os.urandom(40 << 20)
+    body = upload_body("bigin", make_zip({"run.sh": "true\n", "blob": blob},
+                                         compression=zipfile.ZIP_STORED)).encode()
+    pid = jobd.proc.pid
+    before = proc_status(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("cannot reset the peak RSS of jobd here")
+    assert jobd.request("POST", "/api/upload", body).status == 201
+    peak = proc_status(pid, "VmHWM")
+    assert peak - before < 32 << 20, f"jobd grew by {(peak - before) >> 20} MiB receiving it"
+    assert jobd.output("bigin", timeout=60)[1]["blob"] == blob
+
+
 @pytest.mark.parametrize("library_path", [None, "/opt/custom/lib"], ids=["unset", "set"])
 def test_job_environment_is_exactly_jobds_own(make_jobd, library_path):
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
@@ -600,3 +629,23 @@ def test_one_log_line_per_request_and_per_job_state_change(jobd):
     about_job = [line for line in lines if "logged" in line and "/api/" not in line]
     assert any("RUNNING" in line for line in about_job), lines
     assert any("FAILED" in line for line in about_job), lines
+
+
+def test_executable_inputs_stay_executable(jobd):
+    zip_bytes = make_zip({"run.sh": "./bin/tool.sh > out.txt\n",
+                          "bin/tool.sh": "#!/bin/sh\necho tool\n"}, modes={"bin/tool.sh": 0o100755})
+    assert jobd.upload("modes", zip_bytes=zip_bytes).status == 201
+    job = jobd.wait("modes").json()
+    assert job["Status"] == "SUCCESS", job["Message"]
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(job["Output"]))) as zf:
+        assert zf.read("out.txt") == b"tool\n"
+        assert (zf.getinfo("bin/tool.sh").external_attr >> 16) & 0o111
+
+
+def test_missing_interpreter_is_a_failed_job_with_output(jobd):
+    assert jobd.upload("nointerp", {"run.sh": "#!/no/such/shell\necho x\n"}).status == 201
+    resp = jobd.wait("nointerp")
+    assert resp.status == 200
+    job = resp.json()
+    assert job["Status"] == "FAILED" and "run.sh" in job["Message"], job["Message"]
+    assert "run.sh" in unzip(base64.b64decode(job["Output"], validate=True))

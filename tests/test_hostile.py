@@ -12,10 +12,18 @@ import time
 
 import pytest
 
-from conftest import make_zip
+from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JSON_TYPE, assert_go_error, assert_nothing_stored, closed_by_peer,
-                     raw_connect, raw_exchange, raw_zip, read_response, tree_size, upload_body, wait_until,
-                     zeros_deflated, zip_entry)
+                     shared_server, store_state,
+                     raw_connect, raw_exchange, raw_zip, read_response, tree_size, upload_body,
+                     wait_until, zeros_deflated, zip_entry)
+
+
+@pytest.fixture(scope="module", params=IMPLEMENTATIONS)
+def shared(request, tmp_path_factory):
+    """One jobd for this module's tests that leave nothing behind."""
+    yield from shared_server(jobd_command(request.param), tmp_path_factory.mktemp("shared"))
+
 
 RUN = zip_entry("run.sh", b"echo x\n")
 
@@ -31,11 +39,12 @@ def assert_alive(server):
 
 def refused(server, zip_bytes, needle=None, status=400):
     """Upload a hostile zip: refused with a Go error body, nothing stored, server alive."""
+    before = store_state(server)
     resp = server.request("POST", "/api/upload", upload_body("hostile", zip_bytes))
     body = assert_go_error(resp, status, "bad_request" if status == 400 else resp.json()["error"])
     if needle is not None:
         assert needle.lower() in body["message"].lower(), body
-    assert_nothing_stored(server, "hostile")
+    assert_nothing_stored(server, "hostile", before=before)
     assert_alive(server)
     return body
 
@@ -51,13 +60,13 @@ def refused(server, zip_bytes, needle=None, status=400):
      {"dirlink": 0o120777}),
     ({"run.sh": "echo x\n", "a/b/up": "../../.."}, {"a/b/up": 0o120777}),
 ])
-def test_symlink_entries_are_refused(jobd, files, modes):
-    refused(jobd, make_zip(files, modes))
+def test_symlink_entries_are_refused(shared, files, modes):
+    refused(shared, make_zip(files, modes))
 
 
 @pytest.mark.parametrize("mode", [0o010644, 0o020644, 0o060644, 0o140644])
-def test_fifo_device_and_socket_entries_are_refused(jobd, mode):
-    refused(jobd, make_zip({"run.sh": "echo x\n", "special": ""}, {"special": mode}))
+def test_fifo_device_and_socket_entries_are_refused(shared, mode):
+    refused(shared, make_zip({"run.sh": "echo x\n", "special": ""}, {"special": mode}))
 
 
 def test_zip_bomb_is_refused_fast_without_inflating(jobd):
@@ -87,11 +96,11 @@ def test_real_bomb_above_max_unpacked_is_refused_before_inflating(make_jobd):
     assert time.monotonic() - started < 3  # inflating 1 GiB takes ~7 s here
 
 
-def test_entry_that_inflates_past_its_declared_size_is_refused(jobd):
+def test_entry_that_inflates_past_its_declared_size_is_refused(shared):
     # Declares 1 KiB, holds 64 MiB: a reader trusting the header would be fooled.
     kernel, crc = zeros_deflated(64)
     liar = raw_zip([RUN, zip_entry("liar", compressed=kernel, crc=crc, size=1024)])
-    refused(jobd, liar)
+    refused(shared, liar)
 
 
 def test_max_entries_is_enforced_at_the_boundary(make_jobd):
@@ -117,86 +126,86 @@ def test_max_unpacked_is_enforced_at_the_boundary(make_jobd):
     assert server.output("fits")[0]["Status"] == "SUCCESS"
 
 
-def test_encrypted_entry_is_refused(jobd):
-    refused(jobd, raw_zip([RUN, zip_entry("secret", b"\x00" * 24, method=0, flags=0x1)]),
+def test_encrypted_entry_is_refused(shared):
+    refused(shared, raw_zip([RUN, zip_entry("secret", b"\x00" * 24, method=0, flags=0x1)]),
             needle="encrypted")
 
 
-def test_encrypted_run_sh_is_refused(jobd):
-    refused(jobd, raw_zip([zip_entry("run.sh", b"\x00" * 24, method=0, flags=0x1)]))
+def test_encrypted_run_sh_is_refused(shared):
+    refused(shared, raw_zip([zip_entry("run.sh", b"\x00" * 24, method=0, flags=0x1)]))
 
 
 @pytest.mark.parametrize("names", [
     ["run.sh", "run.sh"], ["run.sh", "a.txt", "a.txt"], ["run.sh", "./run.sh"],
     ["run.sh", "a/b", "a//b"], ["run.sh", "d/x", "d/./x"]])
-def test_duplicate_entry_names_are_refused(jobd, names):
-    refused(jobd, raw_zip([zip_entry(name, b"echo x\n") for name in names]))
+def test_duplicate_entry_names_are_refused(shared, names):
+    refused(shared, raw_zip([zip_entry(name, b"echo x\n") for name in names]))
 
 
 @pytest.mark.parametrize("names", [
     ["run.sh", "x", "x/y"], ["run.sh", "x/y", "x"], ["run.sh", "x", "x/"],
     ["run.sh", "a/b/c", "a/b"], ["run.sh", "run.sh/inner"]])
-def test_file_versus_folder_clash_is_refused(jobd, names):
+def test_file_versus_folder_clash_is_refused(shared, names):
     entries = [zip_entry(name, b"", method=0, mode=0o040755) if name.endswith("/")
                else zip_entry(name, b"echo x\n") for name in names]
-    refused(jobd, raw_zip(entries))
+    refused(shared, raw_zip(entries))
 
 
 @pytest.mark.parametrize("name", [
     "../x", "../../x", "a/../../x", "a/../..", "..", "/abs/x", "/x", "//x",
     "..\\x", "a\\..\\..\\x", "\\abs\\x", "\\..\\x", "a/..\\..\\x", "./../x"])
-def test_absolute_and_parent_names_are_refused(jobd, name):
-    refused(jobd, raw_zip([RUN, zip_entry(name, b"escaped")]), needle="unsafe")
-    assert not os.path.exists(jobd.workdir / "x")
+def test_absolute_and_parent_names_are_refused(shared, name):
+    refused(shared, raw_zip([RUN, zip_entry(name, b"escaped")]), needle="unsafe")
+    assert not os.path.exists(shared.workdir / "x")
     assert not os.path.exists("/abs/x")
 
 
 @pytest.mark.parametrize("name", [b"data\x00.txt", b"run.sh\x00evil", b"a/\x00/b"])
-def test_nul_in_entry_names_is_refused(jobd, name):
+def test_nul_in_entry_names_is_refused(shared, name):
     # Python's zipfile cuts names at NUL, so a check on the cut name sees nothing wrong;
     # other tools read these names differently, so the zip is ambiguous: refuse it.
     entries = [zip_entry(name, b"echo from nul\n")]
     if not name.startswith(b"run.sh"):
         entries.insert(0, RUN)
-    refused(jobd, raw_zip(entries))
+    refused(shared, raw_zip(entries))
 
 
-def test_overlapping_entries_are_refused(jobd):
+def test_overlapping_entries_are_refused(shared):
     # Two directory records pointing at the same data (the trick of non-recursive bombs).
-    refused(jobd, raw_zip([RUN, zip_entry("alias", b"echo x\n", share_with="run.sh")]))
+    refused(shared, raw_zip([RUN, zip_entry("alias", b"echo x\n", share_with="run.sh")]))
 
 
-def test_bad_crc_is_refused(jobd):
-    refused(jobd, raw_zip([RUN, zip_entry("data", b"hello world", method=0, crc=12345)]))
+def test_bad_crc_is_refused(shared):
+    refused(shared, raw_zip([RUN, zip_entry("data", b"hello world", method=0, crc=12345)]))
 
 
-def test_corrupt_deflate_data_is_refused(jobd):
-    refused(jobd, raw_zip([RUN, zip_entry("data", compressed=b"\xff\xfe\xfd" * 20, crc=0,
+def test_corrupt_deflate_data_is_refused(shared):
+    refused(shared, raw_zip([RUN, zip_entry("data", compressed=b"\xff\xfe\xfd" * 20, crc=0,
                                           size=1000)]))
 
 
-def test_entry_shorter_than_declared_is_refused(jobd):
-    refused(jobd, raw_zip([RUN, zip_entry("data", b"short", method=0, size=5000)]))
+def test_entry_shorter_than_declared_is_refused(shared):
+    refused(shared, raw_zip([RUN, zip_entry("data", b"short", method=0, size=5000)]))
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.9, 0.99])
-def test_truncated_zip_is_refused(jobd, cut):
+def test_truncated_zip_is_refused(shared, cut):
     data = make_zip({"run.sh": "echo x\n", "blob": os.urandom(4000)})
-    refused(jobd, data[: int(len(data) * cut)])
+    refused(shared, data[: int(len(data) * cut)])
 
 
-def test_zip_without_its_end_record_is_refused(jobd):
+def test_zip_without_its_end_record_is_refused(shared):
     data = make_zip({"run.sh": "echo x\n"})
-    refused(jobd, data[: data.rindex(b"PK\x05\x06")])
+    refused(shared, data[: data.rindex(b"PK\x05\x06")])
 
 
-def test_empty_zip_is_refused(jobd):
-    refused(jobd, b"PK\x05\x06" + b"\0" * 18, needle="run.sh")
+def test_empty_zip_is_refused(shared):
+    refused(shared, b"PK\x05\x06" + b"\0" * 18, needle="run.sh")
 
 
 @pytest.mark.parametrize("name", ["n" * 256, "d/" * 2100 + "x"], ids=["part", "whole"])
-def test_overlong_names_are_refused(jobd, name):
-    refused(jobd, raw_zip([RUN, zip_entry(name, b"x")]))
+def test_overlong_names_are_refused(shared, name):
+    refused(shared, raw_zip([RUN, zip_entry(name, b"x")]))
 
 
 def test_harmless_odd_names_are_accepted(jobd):
@@ -213,11 +222,12 @@ def test_harmless_odd_names_are_accepted(jobd):
 # Hostile JSON
 # ==================================================================================
 
-def test_huge_id_is_refused(jobd):
+def test_huge_id_is_refused(shared):
+    before = store_state(shared)
     body = json.dumps({"id": "a" * (10 << 20), "input": base64.b64encode(b"x").decode()})
-    assert_go_error(jobd.request("POST", "/api/upload", body), 400, "bad_request")
-    assert_nothing_stored(jobd)
-    assert_alive(jobd)
+    assert_go_error(shared.request("POST", "/api/upload", body), 400, "bad_request")
+    assert_nothing_stored(shared, before=before)
+    assert_alive(shared)
 
 
 @pytest.mark.parametrize("depth", [1000, 200_000])
@@ -229,10 +239,10 @@ def test_deeply_nested_unknown_value_does_not_hurt(jobd, depth):
     assert_alive(jobd)
 
 
-def test_unterminated_nesting_is_400(jobd):
-    assert_go_error(jobd.request("POST", "/api/upload", '{"x": ' + "[" * 100_000), 400,
+def test_unterminated_nesting_is_400(shared):
+    assert_go_error(shared.request("POST", "/api/upload", '{"x": ' + "[" * 100_000), 400,
                     "bad_request")
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 # ==================================================================================
@@ -262,9 +272,9 @@ def expect_json_error(answer, status):
     (b"GET /api/get/x HTTP/1.1\r\nHost : space\r\n\r\n", 400),
     (b"GET /api/get/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
 ])
-def test_malformed_request_lines_and_headers(jobd, request_bytes, status):
-    expect_json_error(raw_exchange(jobd.port, request_bytes), status)
-    assert_alive(jobd)
+def test_malformed_request_lines_and_headers(shared, request_bytes, status):
+    expect_json_error(raw_exchange(shared.port, request_bytes), status)
+    assert_alive(shared)
 
 
 def test_binary_garbage_and_tls_hello(make_jobd):
@@ -277,25 +287,25 @@ def test_binary_garbage_and_tls_hello(make_jobd):
         assert_alive(server)
 
 
-def test_request_line_too_long(jobd):
-    code, headers, body = raw_exchange(jobd.port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+def test_request_line_too_long(shared):
+    code, headers, body = raw_exchange(shared.port, b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
     assert code == 414, (code, body[:200])
     assert headers.get("content-type") == JSON_TYPE
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
-def test_header_line_too_long(jobd):
-    answer = raw_exchange(jobd.port, b"GET /api/get/x HTTP/1.1\r\nX-Long: " + b"v" * 70000 +
+def test_header_line_too_long(shared):
+    answer = raw_exchange(shared.port, b"GET /api/get/x HTTP/1.1\r\nX-Long: " + b"v" * 70000 +
                           b"\r\n\r\n")
     expect_json_error(answer, 431)
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
-def test_too_many_headers(jobd):
+def test_too_many_headers(shared):
     headers = b"".join(b"X-H%d: v\r\n" % n for n in range(150))
-    expect_json_error(raw_exchange(jobd.port, b"GET /api/get/x HTTP/1.1\r\n" + headers + b"\r\n"),
+    expect_json_error(raw_exchange(shared.port, b"GET /api/get/x HTTP/1.1\r\n" + headers + b"\r\n"),
                       431)
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 @pytest.mark.parametrize("length,status", [
@@ -311,11 +321,11 @@ def test_bad_content_length(make_jobd, length, status):
     assert_alive(server)
 
 
-def test_conflicting_content_lengths(jobd):
-    answer = raw_exchange(jobd.port, b"POST /api/upload HTTP/1.1\r\nContent-Length: 2\r\n"
+def test_conflicting_content_lengths(shared):
+    answer = raw_exchange(shared.port, b"POST /api/upload HTTP/1.1\r\nContent-Length: 2\r\n"
                           b"Content-Length: 20\r\n\r\n{}")
     expect_json_error(answer, 400)
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 def test_body_shorter_than_content_length_times_out(make_jobd):
@@ -421,19 +431,20 @@ def lenient_chunk(write_size):
     lenient_chunk(lambda n: ("%x" % n)[:1] + "_" + ("%x" % n)[1:]),
     b"\r\n",                                   # no size at all
 ], ids=["not-hex", "too-long", "no-crlf", "negative", "0x", "plus", "underscore", "empty"])
-def test_malformed_chunked_body_is_400(jobd, payload):
-    answer = raw_exchange(jobd.port, b"POST /api/upload HTTP/1.1\r\nHost: x\r\n"
+def test_malformed_chunked_body_is_400(shared, payload):
+    before = store_state(shared)
+    answer = raw_exchange(shared.port, b"POST /api/upload HTTP/1.1\r\nHost: x\r\n"
                           b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + payload)
     expect_json_error(answer, 400)
-    assert_nothing_stored(jobd, "lenient")
-    assert_alive(jobd)
+    assert_nothing_stored(shared, "lenient", before=before)
+    assert_alive(shared)
 
 
-def test_unsupported_transfer_encoding_is_refused(jobd):
-    answer = raw_exchange(jobd.port, b"POST /api/upload HTTP/1.1\r\nTransfer-Encoding: gzip\r\n"
+def test_unsupported_transfer_encoding_is_refused(shared):
+    answer = raw_exchange(shared.port, b"POST /api/upload HTTP/1.1\r\nTransfer-Encoding: gzip\r\n"
                           b"Content-Length: 2\r\n\r\n{}")
     assert answer[0] in (400, 501), answer
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 def test_truncated_chunked_body_times_out(make_jobd):
@@ -461,14 +472,14 @@ def test_client_that_disconnects_mid_upload_leaves_nothing(jobd):
 
 # (GET / is not here: it is job-orchestrator's ping, {"message": "pong"}; test_orchestrator.py)
 @pytest.mark.parametrize("method,path", [
-    ("GET", "/index.html"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/get"), ("GET", "/api/get/"),
-    ("GET", "/api/get/a/b"), ("GET", "/api/upload/"), ("POST", "/api/uploads"),
+    ("GET", "/index.html"), ("GET", "/api"), ("GET", "/api/"), ("GET", "/api/get"),
+    ("GET", "/api/get/"), ("GET", "/api/get/a/b"), ("GET", "/api/upload/"), ("POST", "/api/uploads"),
     ("POST", "/upload"), ("GET", "/favicon.ico"), ("GET", "/API/GET/x"), ("DELETE", "/nowhere"),
 ])
-def test_unknown_paths_are_json_404(jobd, method, path):
-    resp = jobd.request(method, path)
+def test_unknown_paths_are_json_404(shared, method, path):
+    resp = shared.request(method, path)
     assert_go_error(resp, 404, "not_found")
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 @pytest.mark.parametrize("method,path,allow", [
@@ -476,20 +487,20 @@ def test_unknown_paths_are_json_404(jobd, method, path):
     ("DELETE", "/api/upload", "POST"), ("PATCH", "/api/upload", "POST"),
     ("POST", "/api/get/x", "GET"), ("PUT", "/api/get/x", "GET"), ("DELETE", "/api/get/x", "GET"),
 ])
-def test_wrong_method_is_405_with_allow(jobd, method, path, allow):
-    resp = jobd.request(method, path)
+def test_wrong_method_is_405_with_allow(shared, method, path, allow):
+    resp = shared.request(method, path)
     assert_go_error(resp, 405, "method_not_allowed")
     allowed = [m.strip() for m in resp.headers.get("Allow", "").split(",")]
     assert allow in allowed, resp.headers
     assert method not in allowed
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
-def test_unknown_method_is_answered_in_json(jobd):
-    code, headers, body = raw_exchange(jobd.port, b"BREW /api/upload HTTP/1.1\r\nHost: x\r\n\r\n")
+def test_unknown_method_is_answered_in_json(shared):
+    code, headers, body = raw_exchange(shared.port, b"BREW /api/upload HTTP/1.1\r\nHost: x\r\n\r\n")
     assert code in (405, 501), (code, body)
     assert headers.get("content-type") == JSON_TYPE
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 def test_expect_100_continue_too_large_is_413_without_reading(make_jobd):
@@ -530,13 +541,13 @@ def test_upload_above_max_upload_is_413(make_jobd):
 
 
 @pytest.mark.parametrize("length", [b"\xb2", b"-1", b"abc"])
-def test_expect_100_continue_with_a_bad_length_is_answered(jobd, length):
-    with raw_connect(jobd.port) as sock:
+def test_expect_100_continue_with_a_bad_length_is_answered(shared, length):
+    with raw_connect(shared.port) as sock:
         sock.sendall(b"POST /api/upload HTTP/1.1\r\nExpect: 100-continue\r\n"
                      b"Content-Length: " + length + b"\r\n\r\n")
         answer = read_response(sock, 5)  # perhaps after a 100 Continue
     expect_json_error(answer, 400)
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 def test_client_still_sending_a_refused_body_reads_the_answer(make_jobd):
@@ -563,8 +574,8 @@ def test_chunked_upload_above_max_upload_is_413(make_jobd):
     assert_alive(server)
 
 
-def test_keep_alive_and_pipelining(jobd):
-    with raw_connect(jobd.port) as sock:
+def test_keep_alive_and_pipelining(shared):
+    with raw_connect(shared.port) as sock:
         sock.sendall(b"GET /api/get/one HTTP/1.1\r\nHost: x\r\n\r\n"
                      b"GET /api/get/two HTTP/1.1\r\nHost: x\r\n\r\n")
         first = read_response(sock)
@@ -572,9 +583,9 @@ def test_keep_alive_and_pipelining(jobd):
         assert first[0] == 404 and second[0] == 404
 
 
-def test_a_body_is_never_read_as_the_next_request(jobd):
+def test_a_body_is_never_read_as_the_next_request(shared):
     smuggled = b"GET /api/get/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-    with raw_connect(jobd.port) as sock:
+    with raw_connect(shared.port) as sock:
         sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
                      % len(smuggled) + smuggled +
                      b"GET /api/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -589,15 +600,15 @@ def test_a_body_is_never_read_as_the_next_request(jobd):
     assert "job not found" not in [message for _, message in answers]
 
 
-def test_many_connections_opened_and_dropped(jobd):
+def test_many_connections_opened_and_dropped(shared):
     socks = []
     for _ in range(200):
-        socks.append(socket.create_connection(("127.0.0.1", jobd.port), timeout=10))
+        socks.append(socket.create_connection(("127.0.0.1", shared.port), timeout=10))
     for n, sock in enumerate(socks):
         if n % 2:
             sock.sendall(b"GET /api/get/x HTTP/1.1\r\n")
         sock.close()
-    assert_alive(jobd)
+    assert_alive(shared)
 
 
 # ==================================================================================
@@ -659,3 +670,83 @@ def test_a_job_signalling_its_process_group_hits_only_itself(jobd):
     assert job["Status"] == "FAILED" and "terminated" in job["Message"].lower(), job["Message"]
     assert jobd.proc.poll() is None
     assert_alive(jobd)
+
+
+def test_file_names_that_are_not_utf8_do_not_wedge_the_job(jobd):
+    # Linux names are bytes; a job may well write one that is not UTF-8.
+    script = "printf x > \"$(printf 'bad\\377name')\"\nmkdir \"$(printf 'dir\\376')\"\necho ok\n"
+    assert jobd.upload("bytesname", {"run.sh": script}).status == 201
+    resp = jobd.wait("bytesname", timeout=15)
+    assert resp.status == 200
+    job = resp.json()
+    files = unzip(base64.b64decode(job["Output"], validate=True))
+    assert files["jobd.stdout"] == b"ok\n"
+    assert job["Status"] == "SUCCESS", job["Message"]
+    assert files["bad\ufffdname"] == b"x"  # kept, its name made readable
+
+
+def test_repeated_input_key_last_one_wins(jobd):
+    small = make_zip({"run.sh": "echo small\n"})
+    large = make_zip({"run.sh": "echo large\n", "pad": os.urandom(400 * 1024)})
+    for job_id, first, last, word in (("s-then-l", small, large, b"large\n"),
+                                      ("l-then-s", large, small, b"small\n")):
+        body = '{"id": "%s", "input": "%s", "INPUT": "%s"}' % (
+            job_id, base64.b64encode(first).decode(), base64.b64encode(last).decode())
+        assert jobd.request("POST", "/api/upload", body).status == 201
+        assert jobd.output(job_id)[1]["jobd.stdout"] == word
+
+
+# ==================================================================================
+# Slow clients: a trickle must not hold a thread for ever
+# ==================================================================================
+
+def test_headers_trickled_in_are_cut_off(make_jobd):
+    server = make_jobd(args=["--request-timeout", "2"])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+    started = time.monotonic()
+    closed = False
+    for _ in range(40):  # one header byte every 0.25 s: never silent for 2 s
+        try:
+            sock.sendall(b"X")
+            time.sleep(0.25)
+            sock.setblocking(False)
+            if sock.recv(1024) == b"":
+                closed = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+            break
+        finally:
+            sock.setblocking(True)
+    assert closed and time.monotonic() - started < 6
+    sock.close()
+    assert server.request("GET", "/healthz").status == 200
+
+
+def test_a_body_trickled_in_gets_408(make_jobd):
+    server = make_jobd(args=["--request-timeout", "2"])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"PUT /api/jobs/slow HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+    started, answer = time.monotonic(), b""
+    for _ in range(40):  # one byte every 0.25 s: 4 bytes/s, far below 1 KiB/s
+        try:
+            sock.sendall(b"P")
+        except OSError:
+            break
+        time.sleep(0.25)
+        sock.setblocking(False)
+        try:
+            answer += sock.recv(65536)
+        except BlockingIOError:
+            pass
+        finally:
+            sock.setblocking(True)
+        if answer:
+            break
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 6
+    assert server.request("GET", "/api/jobs/slow").status == 404
