@@ -1286,15 +1286,26 @@ def job_environment():
             env.pop("LD_LIBRARY_PATH", None)
         else:
             env["LD_LIBRARY_PATH"] = original
+        # The bootloaders' own bookkeeping, not part of the environment jobd was started
+        # with: PyInstaller's _PYI_* (_MEIPASS2 before 6.0) and staticx's STATICX_*.
+        for name in list(env):
+            if name.startswith("_PYI_") or name in ("_MEIPASS2", "STATICX_BUNDLE_DIR",
+                                                     "STATICX_PROG_PATH"):
+                del env[name]
     return env
 
 
-def run_command(job_dir, shell):
-    """argv for run.sh: itself when it has a #! line, else `shell` (bash, or /bin/sh)."""
+def runs_by_itself(job_dir):
+    """Whether run.sh can be started as it is: a #! script, or a program (ELF). Anything
+    else is a shell script without #! and runs through bash (or /bin/sh)."""
     with open(os.path.join(job_dir, RUN_SH), "rb") as f:
-        if f.read(2) == b"#!":
-            return ["./" + RUN_SH]
-    return [shell, RUN_SH]
+        head = f.read(4)
+    return head[:2] == b"#!" or head == b"\x7fELF"
+
+
+def run_command(job_dir, shell):
+    """argv for run.sh: itself when it can start by itself, else `shell` (bash, or /bin/sh)."""
+    return ["./" + RUN_SH] if runs_by_itself(job_dir) else [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
@@ -1633,8 +1644,10 @@ class Runner:
                     if e.errno == errno.ETXTBSY and attempt < 49:
                         time.sleep(0.01)
                         continue
-                    what = "its interpreter" if argv[0].startswith("./") else argv[0]
-                    return FAILED, f"could not start run.sh ({what}): {e.strerror}", None
+                    what = e.filename or argv[0]
+                    if what == argv[0] == "./" + RUN_SH and e.errno == errno.ENOENT:
+                        what += " (the interpreter on its #! line?)"
+                    return FAILED, f"could not start run.sh: {e.strerror}: {what}", None
         self.store.set_pgid(job_id, proc.pid)
         active.attach(proc, self.cfg.grace)
         timer = None
@@ -1918,8 +1931,7 @@ class Slurm:
             return CANCELLED, "job cancelled", None
         tag = f"jobd-{job_id}-{uuid.uuid4().hex[:8]}"
         self.store.set_submit_tag(job_id, tag)
-        with open(os.path.join(job_dir, RUN_SH), "rb") as f:
-            command = "./run.sh" if f.read(2) == b"#!" else RUN_WITH_SHELL
+        command = "./run.sh" if runs_by_itself(job_dir) else RUN_WITH_SHELL
         script = BATCH_SCRIPT.format(job_id=job_id, job_dir=shlex.quote(job_dir),
                                      command=command, exit_file=EXIT_FILE)
         own = json.loads(job["slurm_options"] or "{}")

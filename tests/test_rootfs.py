@@ -269,8 +269,6 @@ def test_empty_root(tmp_path, jails):
         assert output["jobd.stdout"] == b"hello from scratch\n"
 
 
-@pytest.mark.xfail(reason="jobd.py starts a run.sh without #! through a shell, even an ELF "
-                          "program (Go execs ./run.sh); see the freeze report", strict=False)
 def test_empty_root_static_program(tmp_path, jails):
     """In an empty root a static program as run.sh runs (the kernel execs it directly)."""
     hello = static_hello(tmp_path)
