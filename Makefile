@@ -15,7 +15,7 @@ JOBD_SOURCE ?= jobd.py
 # from the pinned requirements-dev.txt and runs the tests; `make bench` measures.
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test test-deps bench clean
 
 run:
 	$(PYTHON) jobd.py $(ARGS)
@@ -25,11 +25,17 @@ $(VENV)/.installed: requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: $(VENV)/.installed
+# The whole suite, against the source and against the frozen dist/jobd. As root, what the
+# root-only tests need (Slurm, busybox, debootstrap, build tools) is installed with apt.
+test: $(VENV)/.installed test-deps dist/jobd
 	$(PY) -m pytest tests
 
-bench: $(VENV)/.installed
+test-deps:
+	@bash ci/test-deps.sh
+
+bench: $(VENV)/.installed dist/jobd
 	$(PY) tests/bench.py
+	$(PY) tests/measure_binary.py dist/jobd
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache tests/__pycache__ __pycache__
