@@ -30,4 +30,6 @@ RUN make build PYTHON=python3 \
 FROM scratch
 COPY --from=build /rootfs/ /
 EXPOSE 8080
+# `jobd health` asks the jobd in the container (PORT, else 8080) for /healthz.
+HEALTHCHECK --interval=30s --timeout=5s CMD ["/jobd", "health"]
 ENTRYPOINT ["/jobd"]

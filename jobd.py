@@ -4244,7 +4244,7 @@ class Server(ThreadingHTTPServer):
 # stays flat whatever their size. stdout carries only results (ids, status, logs);
 # messages go to stderr, and the progress line only to a terminal.
 
-CLIENT_COMMANDS = ("submit", "status", "wait", "fetch", "logs", "cancel", "rm", "ls")
+CLIENT_COMMANDS = ("submit", "status", "wait", "fetch", "logs", "cancel", "rm", "ls", "health")
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 EXIT_ERROR = 110         # refused: bad input, a 4xx/5xx answer, unsafe or existing files
@@ -5259,8 +5259,16 @@ def cmd_ls(api, args):
     return 0
 
 
+def cmd_health(api, args):
+    """Exit 0 when jobd answers /healthz with 200 (a container's HEALTHCHECK)."""
+    health = api.json("GET", "/healthz", ok=(200, 503))
+    print_json(health) if args.json else print(health["status"])
+    return 0 if health["status"] == "ok" else EXIT_ERROR
+
+
 COMMANDS = {"submit": cmd_submit, "status": cmd_status, "wait": cmd_wait, "fetch": cmd_fetch,
-            "logs": cmd_logs, "cancel": cmd_cancel, "rm": cmd_rm, "ls": cmd_ls}
+            "logs": cmd_logs, "cancel": cmd_cancel, "rm": cmd_rm, "ls": cmd_ls,
+            "health": cmd_health}
 
 
 def positive(parse):
@@ -5346,6 +5354,9 @@ def client_parser():
     p.add_argument("--limit", type=positive(parse_count), default=50, metavar="N",
                    help="at most N jobs (default 50)")
     p.add_argument("--json", action="store_true", help="print a JSON array of status objects")
+    p = command("health", "check that jobd is healthy",
+                "Ask jobd's /healthz; exit 0 when healthy (for a container HEALTHCHECK).")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     return parser
 
 
@@ -5371,6 +5382,8 @@ def client_main(argv):
     args = client_parser().parse_args(argv)
     count_interrupts_once()
     url = args.url or os.environ.get("JOBD_URL") or DEFAULT_URL
+    if args.command == "health" and not (args.url or os.environ.get("JOBD_URL")):
+        url = f"http://127.0.0.1:{os.environ.get('PORT') or 8080}"  # the jobd beside it
     try:
         api = Api(url, read_token(args.token_file))
         return COMMANDS[args.command](api, args)

@@ -821,3 +821,21 @@ def test_go_api_fallback(stubs, jobd_command_for_impl, tmp_path, json_404):
     assert client.run("wait", "nosuch").returncode == EXIT_NOT_FOUND
     result = client.run("status", job_id)
     assert result.returncode == EXIT_ERROR and "/api/jobs" in one_line_error(result)
+
+
+def test_health_for_a_container_healthcheck(client, jobd):
+    healthy = client.run("health")
+    assert healthy.returncode == 0 and healthy.stdout.strip() == "ok", healthy
+    details = client.run("health", "--json")
+    assert json.loads(details.stdout)["database"] == "ok"
+    tmp = jobd.data / ".jobd" / "tmp"  # a data directory that cannot be written: 503
+    os.rename(tmp, tmp.with_name("tmp-away"))
+    tmp.write_text("not a directory")
+    try:
+        sick = client.run("health")
+        assert sick.returncode == EXIT_ERROR and sick.stdout.strip() == "error", sick
+    finally:
+        tmp.unlink()
+        os.rename(tmp.with_name("tmp-away"), tmp)
+    gone = client.run("health", "--url", "http://127.0.0.1:9")
+    assert gone.returncode == EXIT_UNREACHABLE
