@@ -25,7 +25,11 @@ POLL = "0.2"  # jobd's --slurm-poll in these tests
 
 
 def slurm_jobd(make_jobd, cluster, *args, env=None):
-    """A jobd that runs its jobs through `cluster`."""
+    """A jobd that runs its jobs through `cluster`. Slurm ids up to now belong to earlier
+    tests (the session's cluster also serves this test run against the other
+    implementation, with the same job ids): slurm_ids_named() ignores them."""
+    out = cluster.run("squeue", "-h", "-t", "all", "-O", "JobID").stdout.split()
+    cluster.baseline = max((int(number) for number in out if number.isdigit()), default=0)
     return make_jobd(args=["--executor", "slurm", "--slurm-poll", POLL, *args],
                      env={**cluster.env, **(env or {})})
 
@@ -64,7 +68,8 @@ def slurm_ids_named(cluster, job_id):
     """Slurm ids of every submission of a jobd job (its Slurm name is jobd-<id>-<tag>)."""
     out = cluster.run("squeue", "-h", "-t", "all", "-O", "JobID:|,Name:").stdout
     return sorted(int(number) for number, name in (line.split("|", 1) for line in out.splitlines())
-                  if name.strip().rsplit("-", 1)[0] == f"jobd-{job_id}")
+                  if name.strip().rsplit("-", 1)[0] == f"jobd-{job_id}"
+                  and int(number) > getattr(cluster, "baseline", 0))
 
 
 def pid_alive(pid):
@@ -77,15 +82,18 @@ def pid_alive(pid):
 
 def job_processes(cluster, jobd):
     """Processes of the cluster's jobs: every one with its SLURM_CONF but its daemons and
-    jobd (whose environment has it too)."""
+    jobd (whose environment has it too; the frozen jobd is three processes, all in the
+    session the test started it in)."""
     left = []
     for pid in set(cluster.leftover_pids()) - {jobd.proc.pid}:
         try:
             with open(f"/proc/{pid}/comm") as f:
                 name = f.read().strip()
-        except OSError:
+            with open(f"/proc/{pid}/stat") as f:
+                session = int(f.read().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError):
             continue
-        if name not in ("slurmctld", "slurmd", "slurmscriptd"):
+        if name not in ("slurmctld", "slurmd", "slurmscriptd") and session != jobd.proc.pid:
             left.append((pid, name))
     return left
 
