@@ -24,6 +24,34 @@ RFC3339_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z"
 
 # -- waiting ---------------------------------------------------------------------------
 
+def status(jobd, job_id, headers=None):
+    """The status object of a job (GET /api/jobs/{id})."""
+    return jobd.request("GET", f"/api/jobs/{job_id}", headers=headers).json()
+
+
+def wait_status(jobd, job_id, wanted, timeout=20, headers=None, also=lambda job: True):
+    """Poll the status object until its Status is in `wanted` (and `also` holds)."""
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = status(jobd, job_id, headers)
+        if job["Status"] in wanted and also(job):
+            return job
+        time.sleep(0.03)
+    raise AssertionError(f"{job_id} not {sorted(wanted)} after {timeout} s: {job}\n"
+                         + jobd.log_text())
+
+
+def alive(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout, interval=0.02, what="condition"):
     """Poll `predicate` until it returns a true value (returned); AssertionError after
     `timeout` seconds. Bounded in time, and so in count."""

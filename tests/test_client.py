@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, Jobd, make_zip, unzip
+from helpers import status, wait_status
 
 STATUS_KEYS = ["LastUpdated", "ID", "Status", "Path", "Message", "SlurmID", "Slurml",
                "ExitCode", "CreatedAt", "StartedAt", "FinishedAt", "InputBytes", "OutputBytes"]
@@ -76,20 +77,6 @@ def job_folder(base, files, name="job"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     return folder
-
-
-def status(jobd, job_id):
-    return jobd.request("GET", f"/api/jobs/{job_id}").json()
-
-
-def wait_status(jobd, job_id, wanted, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = status(jobd, job_id)
-        if current["Status"] in wanted:
-            return current
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} never reached {wanted}: {current}")
 
 
 def read_line(stream, timeout=20):

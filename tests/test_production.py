@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import make_zip, unzip
+from helpers import alive, wait_status
 from prometheus_client.parser import text_string_to_metric_families
 
 TOKEN = "s3cret-token"
@@ -29,24 +30,6 @@ def upload_body(job_id, script, **extra):
 def put(jobd, job_id, script, headers=None):
     return jobd.request("PUT", f"/api/jobs/{job_id}", make_zip({"run.sh": script}),
                         {**AUTH, **(headers or {})})
-
-
-def wait_status(jobd, job_id, wanted, timeout=20, headers=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = jobd.request("GET", f"/api/jobs/{job_id}", headers=headers).json()
-        if current["Status"] in wanted:
-            return current
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} never reached {wanted}: {current}")
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # ---- authentication ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import make_zip, unzip
+from helpers import alive, status, wait_status
 
 STATUS_KEYS = ["LastUpdated", "ID", "Status", "Path", "Message", "SlurmID", "Slurml",
                "ExitCode", "CreatedAt", "StartedAt", "FinishedAt", "InputBytes", "OutputBytes"]
@@ -21,34 +22,11 @@ def put(jobd, job_id, files=None, zip_bytes=None, headers=None):
                         {"Content-Type": "application/zip", **(headers or {})})
 
 
-def status(jobd, job_id):
-    return jobd.request("GET", f"/api/jobs/{job_id}").json()
-
-
-def wait_status(jobd, job_id, wanted, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = status(jobd, job_id)
-        if current["Status"] in wanted:
-            return current
-        time.sleep(0.02)
-    raise AssertionError(f"{job_id} never reached {wanted}: {current}\n{jobd.log_text()}")
-
-
 def wait_for_file(path, timeout=10):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
 
 
 def files_under(path):

@@ -18,6 +18,7 @@ import time
 
 import pytest
 from conftest import ROOT, Jobd, jobd_command, make_zip, unzip
+from helpers import alive, status, wait_status
 from slurm_cluster import SlurmCluster, skip_reason
 from slurm_fixtures import make_slurm_cluster, slurm_cluster, slurm_session_cluster  # noqa: F401
 
@@ -40,24 +41,6 @@ def upload(jobd, job_id, script, **extra):
     return resp.json()
 
 
-def status(jobd, job_id):
-    return jobd.request("GET", f"/api/jobs/{job_id}").json()
-
-
-def wait_status(jobd, job_id, wanted, timeout=30, also=lambda job: True):
-    """Poll the status object until its Status is in `wanted` (and `also` holds)."""
-    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        job = status(jobd, job_id)
-        if job["Status"] in wanted and also(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} not {sorted(wanted)} after {timeout} s: {job}\n"
-                         + jobd.log_text())
-
-
 def output_files(jobd, job_id):
     resp = jobd.request("GET", f"/api/jobs/{job_id}/output")
     assert resp.status == 200, resp
@@ -70,14 +53,6 @@ def slurm_ids_named(cluster, job_id):
     return sorted(int(number) for number, name in (line.split("|", 1) for line in out.splitlines())
                   if name.strip().rsplit("-", 1)[0] == f"jobd-{job_id}"
                   and int(number) > getattr(cluster, "baseline", 0))
-
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def job_processes(cluster, jobd):
@@ -203,7 +178,7 @@ def test_cancel_scancels_and_no_process_survives(slurm_cluster, make_jobd):
     resp = jobd.request("POST", "/api/jobs/busy/cancel")
     assert resp.status == 200 and resp.json()["Status"] == "CANCELLED", resp
     assert resp.json()["Message"] == "job cancelled" and resp.json()["ExitCode"] is None
-    assert [pid for pid in pids if pid_alive(pid)] == []
+    assert [pid for pid in pids if alive(pid)] == []
     assert slurm_cluster.job_info(resp.json()["SlurmID"])["JobState"] == "CANCELLED"
     assert wait_until(lambda: job_processes(slurm_cluster, jobd) == [], 10), \
         job_processes(slurm_cluster, jobd)
@@ -220,7 +195,7 @@ def test_jobd_time_limit_scancels_the_job(slurm_cluster, make_jobd):
     job = wait_status(jobd, "slow", "FAILED", timeout=30)
     assert job["Message"] == "job timed out after 2 s and was killed"
     assert time.monotonic() - started < 20
-    assert [pid for pid in pids if pid_alive(pid)] == []
+    assert [pid for pid in pids if alive(pid)] == []
     assert slurm_cluster.job_info(job["SlurmID"])["JobState"] == "CANCELLED"
 
 
@@ -232,7 +207,7 @@ def test_delete_scancels_then_removes(slurm_cluster, make_jobd):
     assert jobd.request("DELETE", "/api/jobs/doomed").status == 204
     assert jobd.request("GET", "/api/jobs/doomed").status == 404
     assert slurm_cluster.job_info(slurm_id)["JobState"] == "CANCELLED"
-    assert [pid for pid in pids if pid_alive(pid)] == []
+    assert [pid for pid in pids if alive(pid)] == []
     assert not (jobd.data / "doomed").exists()
 
 
