@@ -5451,7 +5451,8 @@ def serve(cfg):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     app.runner.start()
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
+                     daemon=True).start()
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host
     if not cfg.token and not is_loopback(cfg.host):
