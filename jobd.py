@@ -639,17 +639,14 @@ class Spool:
     def __init__(self, path, limit=INLINE_LIMIT):
         self.path, self.limit = path, limit
         self.f = io.BytesIO()
-
-    @property
-    def in_memory(self):
-        return isinstance(self.f, io.BytesIO)
+        self.in_memory = True
 
     def write(self, data):
         if self.in_memory and self.f.tell() + len(data) > self.limit:
             spilled = open(self.path, "w+b")
             spilled.write(self.f.getbuffer())
             spilled.seek(self.f.tell())
-            self.f = spilled
+            self.f, self.in_memory = spilled, False
         return self.f.write(data)
 
     def read(self, size=-1):
@@ -775,6 +772,13 @@ SQL_NEXT_QUEUED = """SELECT id FROM jobs WHERE status = 'QUEUED' AND slurml = ? 
 SQL_CLAIM = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
                attempts = attempts + 1, pgid = NULL
                WHERE id = ? AND status = 'QUEUED' AND slurm_id = 0"""
+# One statement where SQLite has RETURNING (3.35, 2021): atomic on its own.
+SQL_CLAIM_NEXT = """UPDATE jobs SET status = 'RUNNING', started_at = ?, updated_at = ?,
+                    attempts = attempts + 1, pgid = NULL
+                    WHERE seq = (SELECT seq FROM jobs WHERE status = 'QUEUED' AND slurml = ?
+                                 AND slurm_id = 0 ORDER BY seq LIMIT 1)
+                    RETURNING *"""
+HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 SQL_SET_PGID = "UPDATE jobs SET pgid = ? WHERE id = ?"
 SQL_FINISH = """UPDATE jobs SET status = ?, message = ?, exit_code = ?, output_bytes = ?,
                 finished_at = ?, updated_at = ?, pgid = NULL
@@ -871,6 +875,7 @@ class Store:
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
+        self._spool_prefix, self._spools = uuid.uuid4().hex[:12], itertools.count()
         self._trash_added = threading.Event()
         threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
@@ -938,7 +943,7 @@ class Store:
     def spool(self):
         """A Spool for a payload being received or written (a left-over spill file is
         removed at start-up)."""
-        return Spool(os.path.join(self.dirs["tmp"], uuid.uuid4().hex))
+        return Spool(os.path.join(self.dirs["tmp"], f"{self._spool_prefix}-{next(self._spools)}"))
 
     def _place(self, spool, job_id, kind):
         """Before a transaction: move a large payload's file into place, durably."""
@@ -1065,10 +1070,13 @@ class Store:
     def claim_next(self, slurml=False):
         """Move the oldest job in jobd's queue (of slurml jobs, or of the others) to
         RUNNING and return it, or None. Atomic."""
+        now = time.time()
         with self._db() as db:
             if db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone() is None:
                 return None  # the common idle case needs no write lock
-        now = time.time()
+            if HAS_RETURNING:
+                rows = db.execute(SQL_CLAIM_NEXT, (now, now, int(slurml))).fetchall()
+                return rows[0] if rows else None
         with self._write() as db:
             row = db.execute(SQL_NEXT_QUEUED, (int(slurml),)).fetchone()
             if row is None:
@@ -1077,7 +1085,7 @@ class Store:
         return self.get(row["id"])
 
     def set_pgid(self, job_id, pgid):
-        with self._write() as db:
+        with self._db() as db:  # one statement: its own transaction
             db.execute(SQL_SET_PGID, (pgid, job_id))
 
     def finish(self, job_id, status, message, exit_code=None, output=None, was=RUNNING,
@@ -1304,13 +1312,15 @@ def runs_by_itself(job_dir):
 
 
 def run_command(job_dir, shell):
-    """argv for run.sh: itself when it can start by itself, else `shell` (bash, or /bin/sh)."""
+    """argv for run.sh: itself when it can start by itself, else run by `shell`."""
     return ["./" + RUN_SH] if runs_by_itself(job_dir) else [shell, RUN_SH]
 
 
 def signal_group(pgid, sig):
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def group_alive(pgid):
@@ -1507,11 +1517,14 @@ class Runner:
         self.store, self.cfg, self.log, self.metrics = store, cfg, log, metrics
         self.callbacks = Callbacks(store, cfg, log)
         self.env = job_environment()
+        # the same, encoded once: Popen would encode every variable again for every job
+        self.spawn_env = {os.fsencode(k): os.fsencode(v) for k, v in self.env.items()}
         self.slurm = Slurm(self)  # its poller runs only when there are Slurm jobs to follow
         self.slurml = Slurml(self) if cfg.slurml_url and cfg.slurml_token else None
-        # Scripts without #! run with bash when the system has it: scripts written for
-        # job-orchestrator's client (which runs `bash run.sh`) may use bash features.
-        self.shell = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
+        # A script without #! runs with /bin/sh, as the kernel's callers run one (the Go
+        # jobd refused them). One sent through job-orchestrator's protocol runs with bash
+        # when the system has it, because that protocol's own client runs `bash run.sh`.
+        self.bash = shutil.which("bash", path=self.env.get("PATH", os.defpath)) or "/bin/sh"
         self.stopping = threading.Event()
         self.wakeup = threading.Condition()
         self.generation = 0              # bumped by notify(), so no wake-up is ever lost
@@ -1610,7 +1623,8 @@ class Runner:
             if self.cfg.executor == "slurm":
                 outcome = self.slurm.submit(job, job_dir, active)
             else:
-                outcome = self.execute(job_id, job_dir, active, job["timeout"])
+                outcome = self.execute(job_id, job_dir, active, job["timeout"],
+                                       job["orchestrator"])
         except (OSError, JobdError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             outcome = FAILED, f"could not prepare the job: {getattr(e, 'message', e)}", None
         if outcome is SUBMITTED:  # Slurm has it now; the Slurm poller follows it
@@ -1627,15 +1641,15 @@ class Runner:
                  seconds=round(time.monotonic() - started, 3),
                  message=None if status == SUCCESS else message)
 
-    def execute(self, job_id, job_dir, active, timeout=None):
+    def execute(self, job_id, job_dir, active, timeout=None, orchestrator=False):
         """Run run.sh to its end (or its time limit); (status, message, exit code), or
         None when jobd stops."""
-        argv = run_command(job_dir, self.shell)
+        argv = run_command(job_dir, self.bash if orchestrator else "/bin/sh")
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
                 open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
             for attempt in range(50):
                 try:
-                    proc = subprocess.Popen(argv, cwd=job_dir, env=self.env,
+                    proc = subprocess.Popen(argv, cwd=job_dir, env=self.spawn_env,
                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                             start_new_session=True)
                     break
@@ -1824,7 +1838,8 @@ status=$?
 echo "$status $SLURM_JOB_ID" > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}
 exit $status
 """
-RUN_WITH_SHELL = "if command -v bash >/dev/null 2>&1; then bash run.sh; else /bin/sh run.sh; fi"
+RUN_WITH_SH = "/bin/sh run.sh"
+RUN_WITH_BASH = "if command -v bash >/dev/null 2>&1; then bash run.sh; else /bin/sh run.sh; fi"
 
 
 def check_slurm_options(options, cfg, slurml=False):
@@ -1931,7 +1946,8 @@ class Slurm:
             return CANCELLED, "job cancelled", None
         tag = f"jobd-{job_id}-{uuid.uuid4().hex[:8]}"
         self.store.set_submit_tag(job_id, tag)
-        command = "./run.sh" if runs_by_itself(job_dir) else RUN_WITH_SHELL
+        command = ("./run.sh" if runs_by_itself(job_dir)
+                   else RUN_WITH_BASH if job["orchestrator"] else RUN_WITH_SH)
         script = BATCH_SCRIPT.format(job_id=job_id, job_dir=shlex.quote(job_dir),
                                      command=command, exit_file=EXIT_FILE)
         own = json.loads(job["slurm_options"] or "{}")

@@ -436,11 +436,16 @@ def test_run_sh_runs_with_or_without_shebang_and_mode(jobd, script, mode):
     assert files["jobd.stdout"].strip() == word
 
 
-def test_bash_features_work_without_a_shebang(jobd):
-    # Go starts ./run.sh through the kernel, which falls back to /bin/sh; scripts in the
-    # wild still use bash syntax, which jobd supports by starting bash when it exists.
-    script = "arr=(one two)\necho ${arr[1]}\n[[ -n x ]] && echo dbl\n"
-    assert jobd.upload("bashy", {"run.sh": script}).status == 201
+def test_a_script_without_shebang_runs_with_sh_and_one_with_shebang_as_it_says(jobd):
+    # The Go jobd execs ./run.sh, so a script without #! fails there ("exec format
+    # error"); jobd runs it with /bin/sh, as a shell would. A #! line is obeyed.
+    posix = "set -- one two\necho $2\ncase x in x) echo matched;; esac\n"
+    assert jobd.upload("posix", {"run.sh": posix}).status == 201
+    job, files = jobd.output("posix")
+    assert job["Status"] == "SUCCESS", (job["Message"], files.get("jobd.stderr"))
+    assert files["jobd.stdout"] == b"two\nmatched\n"
+    bashy = "#!/bin/bash\narr=(one two)\necho ${arr[1]}\n[[ -n x ]] && echo dbl\n"
+    assert jobd.upload("bashy", {"run.sh": bashy}).status == 201
     job, files = jobd.output("bashy")
     assert job["Status"] == "SUCCESS", (job["Message"], files.get("jobd.stderr"))
     assert files["jobd.stdout"] == b"two\ndbl\n"
