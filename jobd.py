@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import http.client
@@ -324,16 +325,26 @@ class Log:
                 pass  # a closed stderr must not take the daemon down
 
 
+NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def format_log_value(value):
+    if isinstance(value, (int, float)):
+        return str(value)
     text = str(value)
-    return json.dumps(text) if (not text or re.search(r'[\s"=]', text)) else text
+    return json.dumps(text) if (not text or NEEDS_QUOTES.search(text)) else text
+
+
+@functools.lru_cache(maxsize=4)
+def utc_second(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def rfc3339(timestamp, digits=6):
     """RFC 3339 in UTC with a Z, as Go's time.Time marshals (micro- instead of nanoseconds)."""
     seconds = int(timestamp)
     fraction = int((timestamp - seconds) * 10 ** digits)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"
+    return f"{utc_second(seconds)}.{fraction:0{digits}d}Z"
 
 
 class Metrics:
@@ -761,6 +772,8 @@ INDEXES = ["CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
            "CREATE INDEX IF NOT EXISTS jobs_to_claim ON jobs (status, slurml, slurm_id, seq)"]
 
 SQL_GET = "SELECT * FROM jobs WHERE id = ?"
+SQL_GET_MANY = "SELECT * FROM jobs WHERE id IN ({marks})"
+SQL_TAKEN = "SELECT id FROM jobs WHERE id IN ({marks})"
 SQL_INSERT = """INSERT INTO jobs (id, status, created_at, updated_at, input_bytes, slurml,
                                   timeout, callback, slurm_options)
                 VALUES (?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)"""
@@ -1014,8 +1027,8 @@ class Store:
         if not entry["lead"]:
             entry["event"].wait()  # set when committed, or when handed the lead
         if entry["lead"]:
-            with self._queue_lock:
-                batch, self._waiting = self._waiting, []
+            with self._queue_lock:  # at most 500: SQLite takes 999 parameters at least
+                batch, self._waiting = self._waiting[:500], self._waiting[500:]
             self._commit(batch)
             with self._queue_lock:
                 if self._waiting:
@@ -1028,32 +1041,41 @@ class Store:
         return entry["job"]
 
     def _commit(self, batch):
+        """One durable transaction for a batch of uploads: a handful of statements, however
+        many uploads it holds (each statement is a round trip for the GIL)."""
         now = time.time()
         try:
-            moved = False
             with self._write(self._durable) as db:
-                room = self.max_queued - db.execute(SQL_COUNT_QUEUED).fetchone()[0] \
-                    if self.max_queued else len(batch)
+                marks = ",".join("?" * len(batch))
+                taken = {row[0] for row in db.execute(SQL_TAKEN.format(marks=marks),
+                                                      [entry["id"] for entry in batch])}
+                room = (self.max_queued - db.execute(SQL_COUNT_QUEUED).fetchone()[0]
+                        if self.max_queued else len(batch))
+                accepted, moved = [], False
                 for entry in batch:
-                    job_id, spool = entry["id"], entry["spool"]
-                    size = spool.size
-                    if room <= 0:
+                    if entry["id"] in taken:
+                        entry["error"] = Conflict("job already exists")
+                    elif room <= 0:
                         entry["error"] = TooManyRequests(
                             f"the queue is full ({self.max_queued} jobs waiting); try again "
                             "later", **{"Retry-After": "5"})
-                        continue
-                    try:
-                        db.execute(SQL_INSERT, (job_id, now, now, size) + entry["row"])
-                    except sqlite3.IntegrityError:  # the id exists (only this row is undone)
-                        entry["error"] = Conflict("job already exists")
-                        continue
-                    if spool.in_memory:
-                        db.execute(SQL_PUT_PAYLOAD, (job_id, "input", spool.getvalue()))
                     else:
-                        os.replace(spool.path, self.input_zip(job_id))
-                        moved = True
-                    entry["job"] = db.execute(SQL_GET, (job_id,)).fetchone()
-                    room -= 1
+                        taken.add(entry["id"])
+                        room -= 1
+                        accepted.append(entry)
+                        entry["size"] = entry["spool"].size
+                        if not entry["spool"].in_memory:
+                            os.replace(entry["spool"].path, self.input_zip(entry["id"]))
+                            moved = True
+                db.executemany(SQL_INSERT, [(entry["id"], now, now, entry["size"]) + entry["row"]
+                                            for entry in accepted])
+                db.executemany(SQL_PUT_PAYLOAD, [(entry["id"], "input", entry["spool"].getvalue())
+                                                 for entry in accepted if entry["spool"].in_memory])
+                marks = ",".join("?" * len(accepted))
+                rows = {row["id"]: row for row in db.execute(
+                    SQL_GET_MANY.format(marks=marks), [entry["id"] for entry in accepted])}
+                for entry in accepted:
+                    entry["job"] = rows[entry["id"]]
                 if moved:
                     fsync_path(self.dirs["input"], directory=True)
         except Exception as e:
@@ -2494,6 +2516,7 @@ class UploadReader:
 
     KNOWN = ("id", "slurml", "timeout", "callback", "slurm")
     SMALL, LARGE = 64 * KiB, 16 * MiB
+    SMALL_BODY = 1 * MiB
     STRUCTURE = re.compile(rb'["\[\]{}]')
     VALUE_END = re.compile(rb"[,}\]\s]")
     ESCAPES = {ord("/"): b"/", ord("\\"): b"\\", ord('"'): b'"', ord("n"): b"\n",
@@ -2505,8 +2528,11 @@ class UploadReader:
         self.pos = 0
 
     def read(self):
-        """(fields, input_given): the known keys' values, and whether "input" was a string."""
-        fields, input_given = {}, False
+        """(fields, input_given): the known keys' values, and whether "input" was a string.
+        A small body is parsed whole by json.loads, with the same rules (much faster)."""
+        if not self.body.chunked and self.body.left <= self.SMALL_BODY:
+            return self.read_whole()
+        fields, input_given, input_error = {}, False, None
         self.expect(b"{", "the body must be a JSON object")
         if self.peek() == b"}":
             self.pos += 1
@@ -2517,7 +2543,7 @@ class UploadReader:
                 key = self.loads(self.take_value(self.SMALL)).lower()
                 self.expect(b":", "invalid JSON: expected ':' after a key")
                 if key == "input" and self.peek() == b'"':
-                    self.stream_input()
+                    input_error = self.stream_input()  # raised below, unless replaced
                     input_given = True
                 elif key == "input":
                     value = self.loads(self.take_value(self.SMALL))
@@ -2541,7 +2567,32 @@ class UploadReader:
             self.buf.clear()
             self.pos = 0
             if not self.fill(required=False):
+                if input_given and input_error is not None:
+                    raise input_error
                 return fields, input_given
+
+    def read_whole(self):
+        data = b"".join(iter(self.body.read, b""))
+        try:
+            document = json.loads(data, strict=False)
+        except (ValueError, RecursionError) as e:
+            raise BadRequest(f"invalid JSON: {e}") from None
+        if not isinstance(document, dict):
+            raise BadRequest("the body must be a JSON object")
+        fields, given = {}, None
+        for key, value in document.items():  # in order: the last of duplicates wins
+            key = key.lower()
+            if key == "input":
+                given = value
+            elif key in self.KNOWN:
+                fields[key] = value
+        if given is not None and not isinstance(given, str):
+            raise BadRequest('invalid JSON: "input" must be a base64 string')
+        if given is not None:
+            sink = Base64File(self.spool)
+            sink.write(given.encode("utf-8", "replace"))
+            sink.close()
+        return fields, given is not None
 
     @staticmethod
     def loads(raw):
@@ -2643,11 +2694,21 @@ class UploadReader:
         return bytes(self.buf[start:end])
 
     def stream_input(self):
-        """Decode the "input" string into the spool, never holding it whole."""
+        """Decode the "input" string into the spool, never holding it whole; the error if
+        it is not base64 (raised only if no later "input" key replaces it, as in Go)."""
         self.pos += 1  # the opening quote
         self.spool.seek(0)
         self.spool.f.truncate()  # a repeated "input" key replaces the earlier one
-        sink = Base64File(self.spool)
+        sink, error = Base64File(self.spool), None
+
+        def write(data):
+            nonlocal error
+            if error is None:
+                try:
+                    sink.write(data)
+                except BadRequest as e:
+                    error = e
+
         while True:
             if self.pos >= len(self.buf):
                 self.buf.clear()
@@ -2661,15 +2722,20 @@ class UploadReader:
             elif end == -1:
                 end = len(buf)
             if end > pos:
-                sink.write(bytes(buf[pos:end]))
+                write(bytes(buf[pos:end]))
                 self.pos = end
             if self.pos >= len(buf):
                 continue
             if buf[self.pos] == 0x22:
                 self.pos += 1
                 break
-            sink.write(self.take_escape())
-        sink.close()
+            write(self.take_escape())
+        if error is None:
+            try:
+                sink.close()
+            except BadRequest as e:
+                error = e
+        return error
 
     def take_escape(self):
         while len(self.buf) - self.pos < 6:
@@ -3230,22 +3296,39 @@ def read_headers(rfile, sock=None, timeout=None, most=100):
     within `timeout` seconds, so a client trickling it in cannot hold a thread forever."""
     headers = Headers()
     deadline = time.monotonic() + timeout if timeout else None
-    for _ in range(most):
-        line = read_line(rfile, 64 * KiB, sock, deadline)
-        if len(line) > 64 * KiB:
-            raise HeadersTooLarge("a request header line is too long")
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, colon, value = line.decode("iso-8859-1").partition(":")
-        if not colon or not name or name != name.strip():
-            raise BadRequest(f"malformed request header {line[:60]!r}")
-        key, value = name.lower(), value.strip()
-        if key in headers:
-            if key in ("content-length", "transfer-encoding", "host"):
-                raise BadRequest(f"repeated {name} header")
-            value = headers[key] + ", " + value
-        dict.__setitem__(headers, key, value)
-    raise HeadersTooLarge(f"more than {most} request headers")
+    arrived = rfile.peek(1)  # within the socket's own time-out (the request timeout)
+    end = arrived.find(b"\r\n\r\n")
+    if arrived.startswith(b"\r\n"):
+        rfile.read(2)
+        return headers
+    if 0 <= end and arrived.count(b"\r\n", 0, end) < most:  # the usual case: all there
+        for line in rfile.read(end + 4)[:end].split(b"\r\n"):
+            add_header(headers, line)
+        return headers
+    try:
+        for _ in range(most):
+            line = read_line(rfile, 64 * KiB, sock, deadline)
+            if len(line) > 64 * KiB:
+                raise HeadersTooLarge("a request header line is too long")
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            add_header(headers, line.rstrip(b"\r\n"))
+        raise HeadersTooLarge(f"more than {most} request headers")
+    finally:
+        if deadline is not None:
+            sock.settimeout(timeout)
+
+
+def add_header(headers, line):
+    name, colon, value = line.decode("iso-8859-1").partition(":")
+    if not colon or not name or name != name.strip():
+        raise BadRequest(f"malformed request header {line[:60]!r}")
+    key, value = name.lower(), value.strip()
+    if key in headers:
+        if key in ("content-length", "transfer-encoding", "host"):
+            raise BadRequest(f"repeated {name} header")
+        value = headers[key] + ", " + value
+    dict.__setitem__(headers, key, value)
 
 
 def job_object_parts(job):
@@ -3533,6 +3616,11 @@ SCHEMAS = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def http_date(seconds):
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
 class Handler(BaseHTTPRequestHandler):
     """Serves the API; one instance per connection, one call of dispatch() per request.
 
@@ -3572,8 +3660,6 @@ class Handler(BaseHTTPRequestHandler):
         except JobdError as e:
             self.send_failure(e)
             return False
-        finally:
-            self.connection.settimeout(self.timeout)
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = ("close" in connection or
                                  (self.request_version == "HTTP/1.0" and "keep-alive" not in connection))
@@ -3766,6 +3852,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def version_string(self):
         return self.server_version
+
+    def date_time_string(self, timestamp=None):
+        """The Date header, formatted once a second (http.server's way goes through the
+        email package for every answer)."""
+        return http_date(int(time.time() if timestamp is None else timestamp))
 
     def log_request(self, code="-", size="-"):
         pass  # dispatch() logs one line per request, with its duration

@@ -654,3 +654,41 @@ def test_missing_interpreter_is_a_failed_job_with_output(jobd):
     job = resp.json()
     assert job["Status"] == "FAILED" and "run.sh" in job["Message"], job["Message"]
     assert "run.sh" in unzip(base64.b64decode(job["Output"], validate=True))
+
+
+# Small bodies are parsed whole, large and chunked ones by a streaming parser: both must
+# give the same answers, so the edge cases run through both (a chunked body always streams).
+def edge_bodies(job_id, payload):
+    return [
+        '{"id": "%s", "input": "%s"}' % (job_id, payload),
+        '{"ID": "%s", "INPUT": "%s", "Slurml": false}' % (job_id, payload),
+        '{"id": "x", "id": "%s", "input": "!!", "Input": "%s"}' % (job_id, payload),
+        '{"id": "%s", "input": "%s", "extra": {"a": [1, {"b": "}"}]}}' % (job_id, payload),
+        '{"id": "%s", "input": "%s"}   \n' % (job_id, payload),
+        '{"id": "%s", "input": "%s"} trailing' % (job_id, payload),
+        '{"id": "%s", "input": "%s"' % (job_id, payload),
+        '{"id": %s, "input": "%s"}' % ("123", payload),
+        '{"id": "%s", "input": 5}' % job_id,
+        '{"id": "%s", "input": null}' % job_id,
+        '{"id": "%s", "slurml": "yes", "input": "%s"}' % (job_id, payload),
+        '{"id": "%s", "input": "%s"}' % (job_id, payload.replace("/", "\\/")),
+        '{"id": "%s", "input": "%s"}' % (job_id, payload[:10] + "\\n" + payload[10:]),
+        '{"id": "%s", "input": "not base64!"}' % job_id,
+        '["%s"]' % job_id,
+        '',
+    ]
+
+
+def test_small_and_streamed_bodies_get_the_same_answers(jobd):
+    payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+    for n, (whole, streamed) in enumerate(zip(edge_bodies("w", payload),
+                                              edge_bodies("s", payload))):
+        first = jobd.request("POST", "/api/upload", whole.replace('"w"', f'"w{n}"'))
+        body = streamed.replace('"s"', f'"s{n}"').encode()
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                           for part in (body[:7], body[7:]) if part) + b"0\r\n\r\n"
+        second = jobd.request("POST", "/api/upload", chunked,
+                              {"Transfer-Encoding": "chunked"})
+        assert first.status == second.status, (n, whole[:60], first, second)
+        if first.status != 201:
+            assert first.json()["error"] == second.json()["error"], (n, first, second)
