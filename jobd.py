@@ -575,13 +575,16 @@ def check_input_zip(source, cfg):
 
 def extract_input_zip(source, job_dir, cfg):
     """Unpack a checked input zip into job_dir; never writes outside it, never follows links."""
+    made = {job_dir}
     with zipfile.ZipFile(source) as zf:
         for info, parts in zip_entries(zf, cfg):
             target = os.path.join(job_dir, *parts)
+            folder = target if info.is_dir() else os.path.dirname(target)
+            if folder not in made:
+                os.makedirs(folder, exist_ok=True)
+                made.add(folder)
             if info.is_dir():
-                os.makedirs(target, exist_ok=True)
                 continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
             mode = ((info.external_attr >> 16) & 0o777) | 0o600
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             with zf.open(info) as src, os.fdopen(fd, "wb") as dst:

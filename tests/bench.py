@@ -80,6 +80,46 @@ def drain(reader, length):
     return got
 
 
+def upload_requests(prefix, jobs):
+    """`jobs` ready-made POST /api/upload requests of a trivial job, ids prefix0, prefix1, ..."""
+    payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+    requests = []
+    for i in range(jobs):
+        body = json.dumps({"id": f"{prefix}{i}", "input": payload}).encode()
+        requests.append(b"POST /api/upload HTTP/1.1\r\nHost: bench\r\nContent-Length: "
+                        b"%d\r\n\r\n%s" % (len(body), body))
+    return requests
+
+
+def send_all(port, requests, clients):
+    """Send the requests from `clients` keep-alive connections at once, each expecting 201.
+    The clients are lean raw-socket ones, so that their own CPU (on the same two cores)
+    does not hide the server's."""
+    def client(part):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        for request in requests[part::clients]:
+            sock.sendall(request)
+            status = reader.readline()
+            length = 0
+            while True:
+                line = reader.readline()
+                if line == b"\r\n":
+                    break
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            assert b" 201 " in status, status
+        sock.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 # ---- measurements -----------------------------------------------------------------------
 
 def latency(workdir, runs=30, args=(), env=None):
@@ -118,26 +158,12 @@ def epoch(rfc3339):
 def burst(workdir, jobs=200, repeats=7, args=(), env=None):
     """200 trivial jobs submitted at once (16 clients); jobs/s until all have finished."""
     rates = []
+    requests = upload_requests("b", jobs)
     for repeat in range(repeats):
         server = start_jobd(os.path.join(workdir, f"burst{repeat}"), *args, env=env)
-        payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
-        bodies = [json.dumps({"id": f"b{i}", "input": payload}) for i in range(jobs)]
-
-        def client(part):
-            conn = http.client.HTTPConnection("127.0.0.1", server.port)
-            for body in bodies[part::16]:
-                conn.request("POST", "/api/upload", body)
-                resp = conn.getresponse()
-                resp.read()
-                assert resp.status == 201, resp.status
-
         try:
             started = time.time()
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            send_all(server.port, requests, clients=16)
             conn = http.client.HTTPConnection("127.0.0.1", server.port)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:  # asked seldom: the asking costs jobd time
@@ -159,43 +185,14 @@ def burst(workdir, jobs=200, repeats=7, args=(), env=None):
 def upload_rate(workdir, jobs=400, clients=8, repeats=7):
     """400 tiny uploads from 8 keep-alive clients, as the Go figure was measured: accepted
     jobs/s, each durably committed; every repeat on a fresh jobd (no backlog), the jobs
-    running meanwhile. The clients are lean raw-socket ones, so that their own CPU does not
-    hide the server's."""
-    payload = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
-    requests = []
-    for i in range(jobs):
-        body = json.dumps({"id": f"u{i}", "input": payload}).encode()
-        requests.append(b"POST /api/upload HTTP/1.1\r\nHost: bench\r\nContent-Length: "
-                        b"%d\r\n\r\n%s" % (len(body), body))
+    running meanwhile."""
+    requests = upload_requests("u", jobs)
     rates = []
     for repeat in range(repeats):
         server = start_jobd(os.path.join(workdir, f"rate{repeat}"))
-
-        def client(part):
-            sock = socket.create_connection(("127.0.0.1", server.port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reader = sock.makefile("rb")
-            for request in requests[part::clients]:
-                sock.sendall(request)
-                status = reader.readline()
-                length = 0
-                while True:
-                    line = reader.readline()
-                    if line == b"\r\n":
-                        break
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                reader.read(length)
-                assert b" 201 " in status, status
-            sock.close()
-
         try:
             started = time.perf_counter()
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            send_all(server.port, requests, clients)
             rates.append(jobs / (time.perf_counter() - started))
         finally:
             server.stop()
@@ -331,22 +328,29 @@ def slurm_vs_local(workdir, jobs=200, runs=20):
     return figures
 
 
+# Runs a command and prints its peak RSS. A child's ru_maxrss counts the memory of the
+# process it was forked from (the kernel carries the old address space's peak over exec),
+# so the command is forked from this small process, not from the bench with its buffers.
+PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(argv, cwd, env, timeout=600):
-    """Run a command to its end: (seconds, exit status, its peak RSS in MB, from wait4)."""
+    """Run a command to its end: (seconds, exit status, its peak RSS in MB)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() - started > timeout:
-            proc.kill()
-            raise RuntimeError(f"{argv} took more than {timeout} s")
-        time.sleep(0.005)
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS] + argv, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, timeout=timeout)
     seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return seconds, proc.returncode, usage.ru_maxrss * 1024 / MB
+    return seconds, done.returncode, int(done.stdout or 0) * 1024 / MB
 
 
 def client_round_trip(workdir, size_mb=200, repeats=3):
