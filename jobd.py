@@ -596,9 +596,10 @@ def compression_for(path, size):
     """Deflate like Go, but store data that does not compress (deflating it only costs time)."""
     if size < MiB:
         return zipfile.ZIP_DEFLATED, 6
-    with open(path, "rb") as f:
-        sample = f.read(256 * KiB)
-    if len(zlib.compress(sample, 1)) > 0.95 * len(sample):
+    with open(path, "rb") as f:  # samples at the start, the middle and the end
+        samples = [os.pread(f.fileno(), 128 * KiB, offset)
+                   for offset in (0, size // 2, max(0, size - 128 * KiB))]
+    if all(len(zlib.compress(sample, 1)) > 0.95 * len(sample) for sample in samples):
         return zipfile.ZIP_STORED, None
     return zipfile.ZIP_DEFLATED, 6 if size <= 16 * MiB else 1
 
@@ -874,7 +875,7 @@ class Store:
     a power cut only means the job runs again.
     """
 
-    def __init__(self, db_file, data_dir, max_queued=None, callback_retry=3600.0):
+    def __init__(self, db_file, data_dir, max_queued=None, callback_retry=3600.0, log=None):
         self.db_file = db_file
         self.max_queued, self.callback_retry = max_queued, callback_retry
         self.data_dir = os.path.abspath(data_dir)
@@ -893,6 +894,7 @@ class Store:
         self._durable.execute("PRAGMA synchronous = FULL")
         self._spool_prefix, self._spools = uuid.uuid4().hex[:12], itertools.count()
         self._trash_added = threading.Event()
+        self.log = log or (lambda event, **fields: None)
         threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         with self._db() as db:
             db.execute("PRAGMA journal_mode = WAL")
@@ -1001,9 +1003,17 @@ class Store:
                 os.unlink(path)
 
     def _empty_trash(self):
+        """Delete what discard() moved to the trash; first kill any process still working
+        in there: one a job started that left the job's process group (setsid) and so
+        outlived its end. A pass every 0.2 s at most, so one /proc scan serves many jobs."""
         while True:
             self._trash_added.wait()
+            time.sleep(0.2)
             self._trash_added.clear()
+            killed = kill_leftovers(None, self.dirs["trash"])
+            if killed:
+                self.log("job leftovers killed", processes=killed,
+                         reason="still working in a finished job's directory")
             for name in os.listdir(self.dirs["trash"]):
                 shutil.rmtree(os.path.join(self.dirs["trash"], name), ignore_errors=True)
 
@@ -1183,11 +1193,15 @@ class Store:
             db.close()
 
     def check_data_dir(self):
-        """Raise OSError if the data directory cannot be written."""
+        """Raise OSError if the data directory cannot be written: where payloads are
+        spooled, and where job directories are made."""
         probe = os.path.join(self.dirs["tmp"], "health-" + uuid.uuid4().hex)
         with open(probe, "wb") as f:
             f.write(b"ok")
         os.unlink(probe)
+        folder = os.path.join(self.data_dir, ".health-" + uuid.uuid4().hex)
+        os.mkdir(folder)
+        os.rmdir(folder)
 
     def due_callbacks(self, now):
         with self._db() as db:
@@ -1341,6 +1355,16 @@ def run_command(job_dir, shell):
     return ["./" + RUN_SH] if runs_by_itself(job_dir) else [shell, RUN_SH]
 
 
+def job_stdin():
+    """What a job reads on stdin: /dev/null, or, in a bare root without /dev, a pipe
+    that is already at its end (so jobs run there too)."""
+    if os.path.exists(os.devnull):
+        return open(os.devnull, "rb")
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    return os.fdopen(read_end, "rb")
+
+
 def signal_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -1359,9 +1383,10 @@ def group_alive(pgid):
 
 
 def kill_leftovers(pgid, job_dir, started_at=None):
-    """Kill what an earlier jobd left of a job: processes working in its directory, and
-    those of the job's session (run.sh led it) started since the job was -- pids get
-    reused, and a helper may have moved to another directory."""
+    """Kill what is left of a job: processes working in its directory (or under it: the
+    trash), and, when pgid is given, those of the job's session (run.sh led it) started
+    since the job was -- pids get reused, and a helper may have moved to another
+    directory. The number of processes killed."""
     if not os.path.isdir("/proc"):
         return 0
     job_dir = os.path.realpath(job_dir)  # /proc shows cwd with links resolved
@@ -1375,14 +1400,18 @@ def kill_leftovers(pgid, job_dir, started_at=None):
         if not name.isdigit():
             continue
         try:
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            working_here = cwd == job_dir or cwd.startswith(job_dir + "/")
+            if not pgid:  # the directory is all there is to go by
+                if working_here:
+                    inside.append(int(name))
+                continue
             with open(f"/proc/{name}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             group, session, start = int(fields[2]), int(fields[3]), int(fields[19])
-            cwd = os.readlink(f"/proc/{name}/cwd")
         except (OSError, ValueError, IndexError):
             continue
-        if (cwd == job_dir or cwd.startswith(job_dir + "/")
-                or (since is not None and session == pgid and start >= since)):
+        if working_here or (since is not None and session == pgid and start >= since):
             inside.append(int(name))
             groups.add(group)
     for pid in inside:
@@ -1450,6 +1479,10 @@ def check_callback_url(url, allowed):
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"callback must be an http(s) URL, not {url!r}")
+    if re.search(r"[\x00-\x20\x7f]", url):
+        raise BadRequest(f"callback URL {url!r} holds spaces or control characters")
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
+        raise BadRequest(f"callback URL {url!r} holds a '.' or '..' path segment")
     if parts.scheme == "https" and not hasattr(http.client, "HTTPSConnection"):
         raise BadRequest("this jobd has no TLS support; use an http:// callback")
     for prefix in allowed:
@@ -1671,11 +1704,11 @@ class Runner:
         None when jobd stops."""
         argv = run_command(job_dir, self.bash if orchestrator else "/bin/sh")
         with open(os.path.join(job_dir, STDOUT_FILE), "wb") as out, \
-                open(os.path.join(job_dir, STDERR_FILE), "wb") as err:
+                open(os.path.join(job_dir, STDERR_FILE), "wb") as err, job_stdin() as stdin:
             for attempt in range(50):
                 try:
                     proc = subprocess.Popen(argv, cwd=job_dir, env=self.spawn_env,
-                                            stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                            stdin=stdin, stdout=out, stderr=err,
                                             start_new_session=True)
                     break
                 except OSError as e:
@@ -4393,6 +4426,7 @@ client commands (jobd COMMAND --help for each):
   cancel ID     stop a queued or running job
   rm ID         delete a job and its files
   ls            list jobs, newest first (--status S)
+  health        check that a jobd answers and is healthy (for HEALTHCHECK)
 The client finds jobd at JOBD_URL (default http://127.0.0.1:8080), token in JOBD_TOKEN."""
 
 
@@ -5489,6 +5523,8 @@ def count_interrupts_once():
 
 def client_main(argv):
     """Run one client command; its exit status. Errors are one line, never a traceback."""
+    if sys.stdout is None:  # started with stdout closed (>&-): print into nothing
+        sys.stdout = io.StringIO()
     args = client_parser().parse_args(argv)
     count_interrupts_once()
     url = args.url or os.environ.get("JOBD_URL") or DEFAULT_URL
@@ -5532,7 +5568,7 @@ class Jobd:
         self.cfg, self.log = cfg, log
         self.started = time.time()
         self.metrics = Metrics()
-        self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry)
+        self.store = Store(cfg.db_file, cfg.data, cfg.max_queued, cfg.callback_retry, log)
         self.runner = Runner(self.store, cfg, log, self.metrics)
         self.cpu = CpuMeter()
 
@@ -5590,15 +5626,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="jobd", usage="jobd [serve] [server flags]\n       jobd COMMAND [options]",
         description="Serve jobs (a zip holding run.sh) over HTTP, or, with a COMMAND, "
-                    "talk to a jobd as its client.",
-        epilog="Server flags win over environment variables, shown in [brackets].\n\n"
-               + CLIENT_SUMMARY, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "talk to a jobd as its client.\n\n" + CLIENT_SUMMARY,
+        epilog="Server flags win over environment variables, shown in [brackets].",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jobd {__version__}")
     server_arguments(parser.add_argument_group("server flags"))
     if argv[:1] == ["serve"]:
         argv = argv[1:]
-    cfg = load_config(parser.parse_args(argv), os.environ)
-    return serve(cfg)
+    elif argv[:1] and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r} (commands: serve, {', '.join(CLIENT_COMMANDS)})")
+    args, unknown = parser.parse_known_args(argv)
+    misplaced = [word for word in unknown if word in CLIENT_COMMANDS]
+    if misplaced:
+        parser.error(f"the command comes first: jobd {misplaced[0]} [options]")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return serve(load_config(args, os.environ))
 
 
 if __name__ == "__main__":

@@ -213,8 +213,9 @@ def test_help_names_server_flags_and_commands(jobd_command_for_impl):
                          timeout=30)
     assert top.returncode == 0
     for word in ("--port", "--data", "serve", "submit", "status", "wait", "fetch", "logs",
-                 "cancel", "rm", "ls", "JOBD_URL"):
+                 "cancel", "rm", "ls", "health", "JOBD_URL"):
         assert word in top.stdout, word
+    assert top.stdout.index("submit PATH") < top.stdout.index("--port")  # commands first
     for command in ("submit", "status", "wait", "fetch", "logs", "cancel", "rm", "ls"):
         sub = subprocess.run(jobd_command_for_impl + [command, "--help"], capture_output=True,
                              text=True, timeout=30)
@@ -224,6 +225,25 @@ def test_help_names_server_flags_and_commands(jobd_command_for_impl):
     bad = subprocess.run(jobd_command_for_impl + ["submit"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "PATH" in bad.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bogus"], "unknown command 'bogus' (commands: serve, submit,"),
+    (["--port", "1", "ls"], "the command comes first: jobd ls"),
+    (["--port", "1", "extra"], "unrecognized arguments: extra"),
+])
+def test_a_wrong_command_line_says_what_is_wrong(jobd_command_for_impl, argv, message):
+    result = subprocess.run(jobd_command_for_impl + argv, capture_output=True, text=True,
+                            timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and message in result.stderr, result
+
+
+def test_a_closed_stdout_is_no_error(client, jobd):
+    assert jobd.upload("closed", {"run.sh": "true\n"}).status == 201
+    result = subprocess.run(client.command + ["ls"], env=client.env(), capture_output=False,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            timeout=60, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 0 and result.stderr == "", result
 
 
 def test_no_arguments_or_serve_still_serve(jobd_command_for_impl, tmp_path):

@@ -369,6 +369,20 @@ def test_finished_job_output_is_the_whole_directory(jobd):
         assert info.compress_type == zipfile.ZIP_DEFLATED
 
 
+def test_only_big_files_that_do_not_compress_anywhere_are_stored(jobd):
+    """Deflate, as Go; but a big file that deflate cannot shrink (sampled at its start,
+    middle and end) is stored: deflating it would only cost time."""
+    script = ("head -c 2097152 /dev/urandom > random.bin\n"
+              "head -c 1048576 /dev/urandom > half.bin; head -c 1048576 /dev/zero >> half.bin\n")
+    assert jobd.upload("stored", {"run.sh": script}).status == 201
+    job = jobd.wait("stored").json()
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(job["Output"]))) as zf:
+        assert zf.getinfo("random.bin").compress_type == zipfile.ZIP_STORED
+        assert zf.getinfo("half.bin").compress_type == zipfile.ZIP_DEFLATED
+        assert zf.getinfo("run.sh").compress_type == zipfile.ZIP_DEFLATED
+        assert zf.testzip() is None
+
+
 def test_failed_job_is_200_with_its_output(jobd):
     script = "echo partial > partial.txt\necho first problem >&2\necho the last words >&2\nexit 3\n"
     assert jobd.upload("fails", {"run.sh": script}).status == 201

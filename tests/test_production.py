@@ -2,6 +2,7 @@
 JSON logs -- all through HTTP against a real jobd."""
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -156,6 +157,24 @@ def test_uploads_beyond_the_queue_cap_get_429_and_store_nothing(make_jobd):
 
 # ---- health and metrics ----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def unwritable_folder(path):
+    """No new entries in `path` for a while: chmod for users, the immutable flag for root
+    (whom permissions do not stop)."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
 def test_healthz_reports_and_fails_when_the_data_dir_or_database_fail(jobd):
     health = jobd.request("GET", "/healthz")
     assert health.status == 200
@@ -171,6 +190,11 @@ def test_healthz_reports_and_fails_when_the_data_dir_or_database_fail(jobd):
     finally:
         tmp.unlink()
         os.rename(tmp.with_name("tmp-away"), tmp)
+    assert jobd.request("GET", "/healthz").status == 200
+    # the data directory itself (where job directories are made) refusing new entries
+    with unwritable_folder(jobd.data):
+        broken = jobd.request("GET", "/healthz")
+        assert broken.status == 503 and broken.json()["data_dir"] != "ok", broken
     assert jobd.request("GET", "/healthz").status == 200
     blocker = sqlite3.connect(jobd.db, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -282,7 +306,12 @@ def test_callback_urls_must_be_allowed(make_jobd):
     jobd = make_jobd(args=["--callback-allow", "http://127.0.0.1:9/hooks/"])
     for url in ("http://127.0.0.1:9/other", "http://127.0.0.2:9/hooks/x",
                 "https://127.0.0.1:9/hooks/x", "http://127.0.0.1:9.evil/hooks/",
-                "ftp://127.0.0.1:9/hooks/x", ""):
+                "ftp://127.0.0.1:9/hooks/x", "",
+                # dot segments would climb out of the prefix; control characters and spaces
+                # make a URL no request line can carry
+                "http://127.0.0.1:9/hooks/../admin", "http://127.0.0.1:9/hooks/%2e%2E/admin",
+                "HTTP://127.0.0.1:9/hooks/./x", "http://127.0.0.1:9/hooks/a\r\nX: y",
+                "http://127.0.0.1:9/hooks/a b"):
         resp = upload_with_callback(jobd, "cbx", url)
         assert resp.status == 400, (url, resp)
     assert jobd.request("GET", "/api/jobs/cbx").status == 404

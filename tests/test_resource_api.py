@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import make_zip, unzip
-from helpers import alive, status, wait_status
+from helpers import alive, status, wait_status, wait_until
 
 STATUS_KEYS = ["LastUpdated", "ID", "Status", "Path", "Message", "SlurmID", "Slurml",
                "ExitCode", "CreatedAt", "StartedAt", "FinishedAt", "InputBytes", "OutputBytes"]
@@ -224,6 +224,30 @@ def test_cancel_of_a_running_job_kills_its_children(jobd, tmp_path):
     assert job["Status"] == "CANCELLED"
     assert "run.sh" in files and "late.txt" not in files
     assert jobd.request("POST", "/api/jobs/c1/cancel").status == 200  # twice is fine
+
+
+ESCAPER = """\
+setsid sh -c 'echo $$ > "$0"; exec sleep 300' %s &
+while [ ! -s %s ]; do sleep 0.01; done
+%s
+"""
+
+
+def test_a_process_that_left_the_job_group_dies_with_the_job(jobd, tmp_path):
+    """setsid takes a process out of the job's process group (and session); one still
+    working in the job's directory is killed once the job has ended, as it is cancelled
+    or as it finishes."""
+    for job_id, end in (("esc-cancel", "echo started > started; sleep 300"), ("esc-end", "true")):
+        pid_file = tmp_path / f"{job_id}.pid"
+        assert put(jobd, job_id, {"run.sh": ESCAPER % (pid_file, pid_file, end)}).status == 201
+        if job_id == "esc-cancel":
+            wait_for_file(jobd.data / job_id / "started")
+            assert jobd.request("POST", f"/api/jobs/{job_id}/cancel").status == 200
+        job = wait_status(jobd, job_id, {"SUCCESS", "CANCELLED"})
+        assert job["Status"] == ("CANCELLED" if job_id == "esc-cancel" else "SUCCESS"), job
+        escaped = int(pid_file.read_text())
+        wait_until(lambda: not alive(escaped), 10,
+                   what=f"{job_id}: the end of the escaped process {escaped}")
 
 
 def test_cancel_of_a_queued_job_means_it_never_starts(make_jobd):

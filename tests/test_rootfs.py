@@ -109,8 +109,9 @@ def static_hello(tmp_path):
 class Jail:
     """jobd started by chroot in a private mount namespace; always cleaned up by close()."""
 
-    def __init__(self, root, prefix=(), setup=(), env=None, user=None, pid1=False):
+    def __init__(self, root, prefix=(), setup=(), env=None, user=None, pid1=False, dev=True):
         self.root = Path(root)
+        self.dev = dev               # mount a /dev with the basic nodes, as runtimes do
         self.prefix = list(prefix)   # shell steps before /proc is mounted (e.g. make the root)
         self.setup = list(setup)     # shell steps after
         self.env = dict(BASE_ENV if env is None else env)
@@ -126,10 +127,12 @@ class Jail:
         # What a container runtime gives every image, FROM scratch included: /proc, and a /dev
         # with the basic device nodes (jobs get /dev/null as stdin).
         dev = shlex.quote(str(self.root / "dev"))
-        steps = self.prefix + ["mount -t proc proc %s" % shlex.quote(str(self.root / "proc")),
-                               "mount -t tmpfs -o mode=755,nosuid tmpfs %s" % dev]
-        for node in ("null", "zero", "full", "random", "urandom"):
-            steps += [": > %s/%s" % (dev, node), "mount --bind /dev/%s %s/%s" % (node, dev, node)]
+        steps = self.prefix + ["mount -t proc proc %s" % shlex.quote(str(self.root / "proc"))]
+        if self.dev:
+            steps += ["mount -t tmpfs -o mode=755,nosuid tmpfs %s" % dev]
+            for node in ("null", "zero", "full", "random", "urandom"):
+                steps += [": > %s/%s" % (dev, node),
+                          "mount --bind /dev/%s %s/%s" % (node, dev, node)]
         steps += self.setup
         chroot = ["chroot"] + (["--userspec=%s" % self.user] if self.user else [])
         env = ["env", "-i"] + ["%s=%s" % kv for kv in self.env.items()]
@@ -278,6 +281,15 @@ def test_empty_root_static_program(tmp_path, jails):
     job, output = run_and_stop(jails(root), "scratch-elf", hello)
     assert job["Status"] == "SUCCESS", job
     assert output["jobd.stdout"] == b"hello from scratch\n"
+
+
+def test_bare_chroot_without_dev(tmp_path, jails):
+    """A plain chroot with no /dev at all: jobs still run, reading an empty stdin."""
+    root = add_busybox(make_root(tmp_path / "root"))
+    job, output = run_and_stop(jails(root, dev=False), "nodev",
+                               "#!/bin/sh\nread line || echo stdin at its end\n")
+    assert job["Status"] == "SUCCESS", job
+    assert output["jobd.stdout"] == b"stdin at its end\n"
 
 
 def test_busybox_root_and_job_environment(tmp_path, jails):
