@@ -33,9 +33,8 @@ test: $(VENV)/.installed test-deps dist/jobd
 test-deps:
 	@bash ci/test-deps.sh
 
-bench: $(VENV)/.installed dist/jobd
-	$(PY) tests/bench.py
-	$(PY) tests/measure_binary.py dist/jobd
+bench: $(VENV)/.installed dist/jobd   # every measurement runs; fails if a target is missed
+	$(PY) tests/bench.py; missed=$$?; $(PY) tests/measure_binary.py dist/jobd && exit $$missed
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache tests/__pycache__ __pycache__
