@@ -374,7 +374,7 @@ class Metrics:
             self.duration_sum += seconds
             self.duration_count += 1
 
-    def render(self, counts, running, uptime):
+    def render(self, counts, uptime):
         """The exposition text; `counts` maps each job state to its number of jobs."""
         lines = []
 
@@ -388,7 +388,8 @@ class Metrics:
             metric("jobs", "gauge", "Jobs in the store, by state.",
                    [(f'{{state="{state}"}}', counts.get(state, 0)) for state in STATES])
             metric("queue_depth", "gauge", "Jobs waiting to run.", [("", counts.get(QUEUED, 0))])
-            metric("running_jobs", "gauge", "Jobs running now.", [("", running)])
+            metric("running_jobs", "gauge", "Jobs running now (in Slurm too).",
+                   [("", counts.get(RUNNING, 0))])
             buckets = [(f'{{le="{bound:g}"}}', n)
                        for bound, n in zip(self.BUCKETS, self.duration_buckets)]
             metric("job_duration_seconds", "histogram", "Run time of finished jobs.",
@@ -4315,15 +4316,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(503 if problems else 200, {
             "status": "error" if problems else "ok", "version": __version__,
             "uptime_seconds": round(time.time() - app.started, 3),
-            "queued": counts.get(QUEUED, 0), "running": len(app.runner.active),
+            "queued": counts.get(QUEUED, 0), "running": counts.get(RUNNING, 0),
             "data_free_bytes": free, "database": problems.get("database", "ok"),
             "data_dir": problems.get("data_dir", "ok")})
 
     def metrics(self):
         """GET /metrics: Prometheus text exposition."""
         app = self.app
-        text = app.metrics.render(app.store.counts(), len(app.runner.active),
-                                  time.time() - app.started)
+        text = app.metrics.render(app.store.counts(), time.time() - app.started)
         self.send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def openapi(self):

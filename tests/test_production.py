@@ -157,6 +157,17 @@ def test_uploads_beyond_the_queue_cap_get_429_and_store_nothing(make_jobd):
 
 # ---- health and metrics ----------------------------------------------------------------------
 
+def test_healthz_and_metrics_count_running_jobs(jobd):
+    assert put(jobd, "counted", "sleep 30\n").status == 201
+    wait_status(jobd, "counted", {"RUNNING"})
+    assert jobd.request("GET", "/healthz").json()["running"] == 1
+    families = {f.name: f for f in text_string_to_metric_families(
+        jobd.request("GET", "/metrics").body.decode())}
+    assert families["jobd_running_jobs"].samples[0].value == 1
+    assert jobd.request("POST", "/api/jobs/counted/cancel").status == 200
+    assert jobd.request("GET", "/healthz").json()["running"] == 0
+
+
 @contextlib.contextmanager
 def unwritable_folder(path):
     """No new entries in `path` for a while: chmod for users, the immutable flag for root

@@ -175,6 +175,8 @@ def test_cancel_scancels_and_no_process_survives(slurm_cluster, make_jobd):
     upload(jobd, "busy", CHILDREN)
     pids = wait_for_pids(jobd, "busy")
     assert wait_status(jobd, "busy", "RUNNING", also=lambda job: job["SlurmID"] > 0)
+    # running in Slurm, not on a worker of jobd's: it counts as running all the same
+    assert jobd.request("GET", "/healthz").json()["running"] == 1
     resp = jobd.request("POST", "/api/jobs/busy/cancel")
     assert resp.status == 200 and resp.json()["Status"] == "CANCELLED", resp
     assert resp.json()["Message"] == "job cancelled" and resp.json()["ExitCode"] is None
