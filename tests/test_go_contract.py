@@ -688,6 +688,8 @@ def edge_bodies(job_id, payload):
         '{"id": "%s", "input": "%s"}' % (job_id, payload.replace("/", "\\/")),
         '{"id": "%s", "input": "%s"}' % (job_id, payload[:10] + "\\n" + payload[10:]),
         '{"id": "%s", "input": "not base64!"}' % job_id,
+        '{"id": "%s", "input": "%s\n%s"}' % (job_id, payload[:8], payload[8:]),  # raw newline
+        '{"id": "%s", "input": "%s", "slurm": {"x": "a\tb"}}' % (job_id, payload),  # raw tab
         '["%s"]' % job_id,
         '',
     ]
