@@ -22,6 +22,7 @@ import hmac
 import http.client
 import io
 import itertools
+import math
 import json
 import os
 import queue
@@ -508,11 +509,11 @@ def entry_parts(name):
     return parts
 
 
-def zip_entries(zf, cfg):
+def zip_entries(zf, max_entries=math.inf, max_unpacked=math.inf):
     """Check a zip's directory against every rule; yield (info, parts) for each entry."""
     infos = zf.infolist()
-    if len(infos) > cfg.max_entries:
-        raise BadRequest(f"the zip has {len(infos)} entries; at most {cfg.max_entries} are allowed")
+    if len(infos) > max_entries:
+        raise BadRequest(f"the zip has {len(infos)} entries; at most {max_entries} are allowed")
     unpacked, files, folders = 0, set(), set()
     for info in infos:
         if "\0" in info.orig_filename:  # zipfile cuts .filename at a NUL, hiding it
@@ -540,8 +541,8 @@ def zip_entries(zf, cfg):
         files.add(path)
         folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
         unpacked += info.file_size
-        if unpacked > cfg.max_unpacked:
-            raise BadRequest(f"the zip unpacks to more than {cfg.max_unpacked} bytes "
+        if unpacked > max_unpacked:
+            raise BadRequest(f"the zip unpacks to more than {max_unpacked} bytes "
                              "(JOBD_MAX_UNPACKED); refused")
         yield info, parts
     clash = files & folders
@@ -558,7 +559,7 @@ def check_input_zip(source, cfg):
     """
     try:
         with zipfile.ZipFile(source) as zf:
-            entries = list(zip_entries(zf, cfg))
+            entries = list(zip_entries(zf, cfg.max_entries, cfg.max_unpacked))
             if not any(parts == [RUN_SH] and not info.is_dir() for info, parts in entries):
                 raise BadRequest("the zip has no run.sh at its top level")
             for info, _ in entries:
@@ -578,7 +579,7 @@ def extract_input_zip(source, job_dir, cfg):
     """Unpack a checked input zip into job_dir; never writes outside it, never follows links."""
     made = {job_dir}
     with zipfile.ZipFile(source) as zf:
-        for info, parts in zip_entries(zf, cfg):
+        for info, parts in zip_entries(zf, cfg.max_entries, cfg.max_unpacked):
             target = os.path.join(job_dir, *parts)
             folder = target if info.is_dir() else os.path.dirname(target)
             if folder not in made:
@@ -626,11 +627,22 @@ def write_result_zip(job_dir, dest, leave_out=()):
                     st = os.lstat(path)
                     if not stat.S_ISREG(st.st_mode):
                         continue
-                    method, level = compression_for(path, st.st_size)
-                    arcname = zip_name(name if relative == "." else f"{relative}/{name}")
-                    zf.write(path, arcname, compress_type=method, compresslevel=level)
+                    add_file(zf, path, zip_name(name if relative == "." else f"{relative}/{name}"),
+                             st.st_size)
                 except OSError:
                     continue  # unreadable or vanished: the rest of the results still count
+
+
+def add_file(zf, path, arcname, size):
+    """Add one file to a zip being written, compressed as compression_for() says, in
+    steps of up to CHUNK (zf.write() copies 8 KiB at a time: a third of the CPU time)."""
+    info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
+    info.compress_type, level = compression_for(path, size)
+    # the level travels in the ZipInfo; its attribute is public since 3.13
+    setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel",
+            level)
+    with open(path, "rb") as src, zf.open(info, "w") as dst:
+        shutil.copyfileobj(src, dst, min(CHUNK, size + 1))
 
 
 def zip_name(name):
@@ -4657,7 +4669,7 @@ def folder_entries(folder):
         seen.add((info.st_dev, info.st_ino))
         folders.sort()
         relative = os.path.relpath(root, folder)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        prefix = "" if relative == "." else zip_name(relative.replace(os.sep, "/")) + "/"
         if prefix:
             entries.append((root, prefix, None))
         for name in sorted(files):
@@ -4670,7 +4682,7 @@ def folder_entries(folder):
             if not stat.S_ISREG(info.st_mode):
                 say(f"warning: skipping {path}: not a regular file")
                 continue
-            entries.append((path, prefix + name, info.st_size))
+            entries.append((path, prefix + zip_name(name), info.st_size))
     return entries
 
 
@@ -4717,15 +4729,8 @@ class ZipPipe:
                 for path, name, size in self.entries:
                     if size is None:
                         zf.write(path, name)
-                        continue
-                    # zf.write() would copy in 8 KiB steps: a third of the CPU time
-                    info = zipfile.ZipInfo.from_file(path, name, strict_timestamps=False)
-                    info.compress_type, level = compression_for(path, size)
-                    # the level travels in the ZipInfo; its attribute is public since 3.13
-                    setattr(info, "compress_level" if hasattr(info, "compress_level")
-                            else "_compresslevel", level)
-                    with open(path, "rb") as src, zf.open(info, "w") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
+                    else:
+                        add_file(zf, path, name, size)
             self.put(bytes(self.pending))
             self.put(None)
         except Exception as e:
@@ -4761,13 +4766,16 @@ class Payload:
             self.chunks, self.size = iter(self.pipe), None
             return
         try:
-            with zipfile.ZipFile(path) as zf:
-                names = [re.sub(r"^(\./)+", "", info.filename) for info in zf.infolist()]
+            with zipfile.ZipFile(path) as zf:  # the server's rules, before uploading
+                has_run_sh = any(parts == [RUN_SH] and not info.is_dir()
+                                 for info, parts in zip_entries(zf))
         except FileNotFoundError:
             raise ClientError(f"{path}: no such file or folder") from None
         except (zipfile.BadZipFile, OSError) as e:
             raise ClientError(f"{path}: not a folder, nor a readable zip ({e})") from None
-        if RUN_SH not in names:
+        except BadRequest as e:
+            raise ClientError(f"{path}: {e.message}") from None
+        if not has_run_sh:
             raise ClientError(f"{path}: the zip has no {RUN_SH} at its top level")
         self.size = os.path.getsize(path)
         self.chunks = self.read_file(path)
@@ -5088,17 +5096,11 @@ def extract_results(zip_path, folder, force=False):
     except (zipfile.BadZipFile, OSError) as e:
         raise ClientError(f"the job's result is not a readable zip: {e}") from None
     with archive:
-        plan = []
-        for info in archive.infolist():
-            try:
-                parts = entry_parts(info.filename)
-            except BadRequest as e:
-                raise ClientError(f"refused to extract the results: {e.message}") from None
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ClientError(f"refused to extract the results: {info.filename!r} is a "
-                                  "symbolic link (fetch --zip FILE keeps the zip as it is)")
-            if parts:
-                plan.append((info, parts))
+        try:  # the rules an upload must meet, so every name is checked first
+            plan = [(info, parts) for info, parts in zip_entries(archive) if parts]
+        except BadRequest as e:
+            raise ClientError(f"refused to extract the results: {e.message} "
+                              "(fetch --zip FILE keeps the zip as it is)") from None
         if not force:
             for info, parts in plan:
                 path = os.path.join(folder, *parts)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, Jobd, make_zip  # noqa: E402
+from helpers import wait_status  # noqa: E402
 
 MB = 1_000_000
 
@@ -250,10 +251,7 @@ def raw_round_trip(workdir, size_mb=300, repeats=3):
             assert status == 201, status
             up.append(total / MB / (time.perf_counter() - started))
             up_rss.append(peak_rss_mb(server.proc.pid))
-            deadline = time.monotonic() + 300
-            while (json.loads(server.request("GET", f"/api/jobs/{job}").body)["Status"]
-                   != "SUCCESS" and time.monotonic() < deadline):
-                time.sleep(0.2)
+            wait_status(server, job, "SUCCESS", timeout=300)
             peak_rss_reset(server.proc.pid)
             started = time.perf_counter()
             status, headers, sock, reader = raw_request(
@@ -375,10 +373,7 @@ def client_round_trip(workdir, size_mb=200, repeats=3):
             assert code == 0, f"submit exited {code}"
             up.append(total / MB / seconds)
             peaks.append(rss)
-            deadline = time.monotonic() + 300
-            while (json.loads(server.request("GET", f"/api/jobs/{job}").body)["Status"]
-                   != "SUCCESS" and time.monotonic() < deadline):
-                time.sleep(0.2)
+            wait_status(server, job, "SUCCESS", timeout=300)
             output = json.loads(server.request("GET", f"/api/jobs/{job}").body)["OutputBytes"]
             out = Path(workdir) / "out"
             seconds, code, rss = run_measured(client + ["fetch", job, "-o", str(out)],

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -317,7 +318,13 @@ def test_refuses_a_job_without_run_sh_before_uploading(client, jobd, tmp_path):
     archive.write_bytes(make_zip({"sub/run.sh": "true\n"}))
     result = client.run("submit", archive)
     assert result.returncode == EXIT_ERROR and "run.sh" in one_line_error(result)
+    # the server's rules, checked before the upload: './/run.sh' is run.sh, '../x' is not
+    archive.write_bytes(make_zip({".//run.sh": "true\n", "../x": "x"}))
+    result = client.run("submit", archive)
+    assert result.returncode == EXIT_ERROR and "unsafe path" in one_line_error(result)
     assert jobd.request("GET", "/api/jobs").json()["Jobs"] == []
+    archive.write_bytes(make_zip({".//run.sh": "true\n"}))
+    assert client.run("submit", archive, "--id", "dotted").returncode == 0
 
 
 @pytest.mark.parametrize("script, code", [("exit 7", 7), ("true", 0), ("kill -KILL $$", 137)])
@@ -644,6 +651,23 @@ def test_fetch_refuses_a_malicious_result_zip(stubs, jobd_command_for_impl, tmp_
     assert not Path("/tmp/jobd-client-abs.txt").exists()
     kept = sorted(p.name for p in (client.cwd / "box" / "inner").iterdir())
     assert kept == [".jobd-j1.zip.part", ".jobd-j1.zip.part.etag"]  # only the download
+
+
+def test_fetch_checks_every_name_before_writing_anything(stubs, jobd_command_for_impl,
+                                                          tmp_path):
+    done = status_object("j1", "SUCCESS", "job finished successfully", 0)
+    for n, entries in enumerate(([("a.txt", "1"), ("a.txt", "2")],
+                                 [("a.txt", "1"), ("a.txt/b", "2")])):
+        data = io.BytesIO()
+        with zipfile.ZipFile(data, "w") as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Duplicate name": the point of this zip
+            for name, text in entries:
+                zf.writestr(name, text)
+        client = stub_client(stubs(resource_stub(done, data.getvalue())),
+                             jobd_command_for_impl, tmp_path)
+        result = client.run("fetch", "j1", "-o", f"res{n}", "--force")
+        assert result.returncode == EXIT_ERROR and "refused" in one_line_error(result), result
+        assert not (client.cwd / f"res{n}" / "a.txt").exists()
 
 
 def test_fetch_never_writes_through_a_link_in_the_folder(stubs, jobd_command_for_impl,

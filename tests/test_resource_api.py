@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import make_zip, unzip
-from helpers import alive, status, wait_status, wait_until
+from helpers import alive, gate_script, status, wait_status, wait_until
 
 STATUS_KEYS = ["LastUpdated", "ID", "Status", "Path", "Message", "SlurmID", "Slurml",
                "ExitCode", "CreatedAt", "StartedAt", "FinishedAt", "InputBytes", "OutputBytes"]
@@ -226,11 +226,7 @@ def test_cancel_of_a_running_job_kills_its_children(jobd, tmp_path):
     assert jobd.request("POST", "/api/jobs/c1/cancel").status == 200  # twice is fine
 
 
-ESCAPER = """\
-setsid sh -c 'echo $$ > "$0"; exec sleep 300' %s &
-while [ ! -s %s ]; do sleep 0.01; done
-%s
-"""
+ESCAPER = "setsid sh -c 'echo $$ > \"$0\"; exec sleep 300' %s &\n"
 
 
 def test_a_process_that_left_the_job_group_dies_with_the_job(jobd, tmp_path):
@@ -239,7 +235,8 @@ def test_a_process_that_left_the_job_group_dies_with_the_job(jobd, tmp_path):
     or as it finishes."""
     for job_id, end in (("esc-cancel", "echo started > started; sleep 300"), ("esc-end", "true")):
         pid_file = tmp_path / f"{job_id}.pid"
-        assert put(jobd, job_id, {"run.sh": ESCAPER % (pid_file, pid_file, end)}).status == 201
+        script = ESCAPER % pid_file + gate_script(pid_file, end)
+        assert put(jobd, job_id, {"run.sh": script}).status == 201
         if job_id == "esc-cancel":
             wait_for_file(jobd.data / job_id / "started")
             assert jobd.request("POST", f"/api/jobs/{job_id}/cancel").status == 200
