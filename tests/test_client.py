@@ -295,6 +295,15 @@ def test_submit_wait_output_round_trip(client, tmp_path):
                                                      "res", "run.sh"]  # no partial left
 
 
+def test_a_name_that_is_not_utf8_is_zipped_as_the_server_zips_it(client, tmp_path):
+    folder = job_folder(tmp_path, {"run.sh": "cat ./*.txt\n"})
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.txt"), "wb") as f:
+        f.write(b"odd name\n")
+    result = client.run("submit", folder, "--id", "odd", "--wait", "-o", "odd")
+    assert result.returncode == 0, result.stderr
+    assert (client.cwd / "odd" / "bad\ufffd.txt").read_bytes() == b"odd name\n"
+
+
 def test_submit_zip_file(client, tmp_path):
     archive = tmp_path / "job.zip"
     archive.write_bytes(make_zip({"run.sh": "echo zipped > z.txt\n"}))
