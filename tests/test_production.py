@@ -1,13 +1,16 @@
 """Running jobd in production: token, time limits, queue cap, health, metrics, callbacks,
 JSON logs -- all through HTTP against a real jobd."""
 
+import array
 import base64
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import threading
 import time
@@ -390,3 +393,36 @@ def test_jobs_see_jobds_environment_but_not_its_secrets(make_jobd):
                 if "=" in line)
     assert seen["MY_SETTING"] == "kept"
     assert "JOBD_TOKEN" not in seen and "SLURML_API_TOKEN" not in seen
+
+
+# ---- the data directory on ext2/3/4 ------------------------------------------------------
+
+FS_IOC_GETFLAGS = 2 << 30 | struct.calcsize("l") << 16 | ord("f") << 8 | 1  # linux/fs.h
+FS_TOPDIR_FL = 0x00020000
+
+
+def attribute_flags(path):
+    """The ext2/3/4 attribute flags of a directory (what lsattr shows); None where the
+    file system has no such attributes."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        return flags[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def test_the_data_directory_spreads_job_folders_over_the_disk(jobd):
+    """jobd gives DATAPATH the T attribute (chattr +T), and only DATAPATH, so that ext4
+    spreads the job folders over its block groups; jobs run as before."""
+    if attribute_flags(jobd.workdir) is None:
+        pytest.skip("the test directory's file system has no ext2/3/4 attributes")
+    assert attribute_flags(jobd.data) & FS_TOPDIR_FL
+    assert not attribute_flags(jobd.workdir) & FS_TOPDIR_FL
+    assert not attribute_flags(jobd.data / ".jobd") & FS_TOPDIR_FL
+    assert jobd.upload("spread", {"run.sh": "echo spread > out.txt\n"}).status == 201
+    job, files = jobd.output("spread")
+    assert job["Status"] == "SUCCESS" and files["out.txt"] == b"spread\n"
