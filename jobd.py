@@ -3590,12 +3590,15 @@ def openapi_document():
             answers(_200=zip_answer, _206=zip_answer, _202="Status", _304="not modified",
                     **errors(404, 416)), None, [job_id])},
         "/api/jobs/{id}/logs/{stream}": {"get": operation(
-            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job ends",
-            answers(_200=text_answer, **errors(404)), None, [
+            "getLog", "The job's stdout or stderr so far; follow=1 streams it until the job "
+            "ends; offset=N leaves out the first N bytes (header Jobd-Log-Offset: N)",
+            answers(_200=text_answer, **errors(400, 404)), None, [
                 job_id, {"name": "stream", "in": "path", "required": True,
                          "schema": {"type": "string", "enum": ["stdout", "stderr"]}},
                 {"name": "follow", "in": "query", "required": False,
-                 "schema": {"type": "string", "enum": ["0", "1"]}}])},
+                 "schema": {"type": "string", "enum": ["0", "1"]}},
+                {"name": "offset", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
         "/api/jobs/{id}/cancel": {"post": operation(
             "cancelJob", "Cancel a queued or running job", answers(_200="Status", **errors(404, 409)), None,
             [job_id])},
@@ -4151,29 +4154,41 @@ class Handler(BaseHTTPRequestHandler):
 
     def job_log(self, job_id, stream):
         """GET /api/jobs/{id}/logs/stdout|stderr: the text so far; ?follow=1 streams it
-        (chunked) until the job ends."""
+        (chunked) until the job ends. ?offset=N leaves out the first N bytes, for a client
+        that lost a stream and resumes it; the Jobd-Log-Offset header says where the
+        text starts."""
         job = self.known_job(job_id)
         name = STDOUT_FILE if stream == "stdout" else STDERR_FILE
         follow = self.query.get("follow", ["0"])[-1].lower() in ("1", "true", "yes")
+        offset = self.query.get("offset", ["0"])[-1]
+        if not offset.isdigit() or not offset.isascii():
+            raise BadRequest(f"offset must be a number of bytes, not {offset[:40]!r}")
+        offset = int(offset)
         f, size = self.open_log(job, name) if job["status"] != QUEUED else (None, 0)
         with f or contextlib.nullcontext():
-            self.send_head(200, "text/plain; charset=utf-8", None if follow else size,
-                           [("Cache-Control", "no-cache")])
+            self.send_head(200, "text/plain; charset=utf-8",
+                           None if follow else max(0, size - offset),
+                           [("Cache-Control", "no-cache"), ("Jobd-Log-Offset", str(offset))])
             self.end_headers()
             if self.command == "HEAD":
                 return
             if not follow:
-                if f is not None and size:
-                    self.send_file(f, 0, size)
+                if f is not None and size > offset:
+                    self.send_file(f, offset, size - offset)
                 return
-            self.follow_log(job, name, f)
+            if f is not None:
+                f.seek(offset)
+            self.follow_log(job, name, f, offset)
 
-    def follow_log(self, job, name, f):
-        """Send the log as chunks as it grows, until the job has ended and all is sent."""
+    def follow_log(self, job, name, f, offset):
+        """Send the log from `offset` as chunks as it grows, until the job has ended and
+        all is sent."""
         try:
             while True:
                 if f is None and job["status"] != QUEUED:
                     f, _ = self.open_log(job, name)
+                    if f is not None:
+                        f.seek(offset)
                 data = f.read(64 * KiB) if f is not None else b""
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -4943,14 +4958,16 @@ def poll_job(api, job_id, progress, deadline_unreachable=60.0):
 
 def follow_log(api, job_id, stream, out, reconnects=10):
     """Copy a job's log to `out` as it grows, until the job ends. A dropped connection is
-    opened again and the bytes already copied are skipped (a log only grows)."""
+    opened again from the first byte not yet copied (a log only grows); a jobd too old to
+    know ?offset sends the log from its start, and what was copied is skipped."""
     copied, failures = 0, 0
     while True:
         try:
-            resp = api.request("GET", job_path(job_id, "logs", stream) + "?follow=1",
-                               job_id=job_id, timeout=300)
+            resp = api.request("GET", job_path(job_id, "logs", stream)
+                               + f"?follow=1&offset={copied}", job_id=job_id, timeout=300)
             with resp:
-                position = 0
+                start = resp.getheader("Jobd-Log-Offset") or "0"
+                position = int(start) if start.isdigit() and start.isascii() else 0
                 while True:
                     data = resp.read1(64 * KiB)
                     if not data:

@@ -485,6 +485,26 @@ def test_logs_follow_streams_while_the_job_runs(client, jobd, tmp_path):
     assert client.run("logs", job_id).stdout.count("line") == 5
 
 
+def test_logs_follow_resumes_a_cut_stream_where_it_was_cut(client, jobd, jobd_command_for_impl,
+                                                           tmp_path):
+    """Every answer is cut after 1,000 bytes; each reconnection asks for the log from the
+    first byte not yet printed, so 3,000 bytes arrive whole, each once."""
+    log = "".join(f"{i:05d} " + "x" * 93 + "\n" for i in range(30))  # 30 lines of 100 bytes
+    folder = job_folder(tmp_path, {"log.txt": log, "run.sh": "cat log.txt; sleep 1\n"})
+    job_id = client.run("submit", folder).stdout.strip()
+    proxy = CuttingProxy(jobd.port, limit=1_000, cut=b"/logs/stdout")
+    try:
+        follower = Client(jobd_command_for_impl, proxy.url, client.cwd).run("logs", job_id, "-f")
+    finally:
+        proxy.close()
+    assert follower.returncode == 0, follower.stderr
+    assert follower.stdout == log
+    offsets = [int(re.search(r"offset=(\d+)", line).group(1))
+               for line in proxy.request_lines if "/logs/stdout" in line]
+    assert len(offsets) == proxy.cuts + 1 >= 4 and offsets[0] == 0
+    assert offsets == sorted(set(offsets)) and offsets[-1] < len(log)
+
+
 def test_submit_follow_prints_the_jobs_stdout(client, tmp_path):
     folder = job_folder(tmp_path, {"run.sh": "echo first; sleep 0.3; echo second; exit 4\n"})
     result = client.run("submit", folder, "--follow")
@@ -519,14 +539,15 @@ def test_rm(client, tmp_path):
 # ---- fetch: resume, overwrite, safety --------------------------------------------------------
 
 class CuttingProxy:
-    """Forwards connections on 127.0.0.1 to jobd, cutting every answer to a GET of a job's
-    output after `limit` bytes (an interrupted download)."""
+    """Forwards connections on 127.0.0.1 to jobd, cutting every answer to a GET whose path
+    holds `cut` (a job's output: an interrupted download) after `limit` bytes."""
 
-    def __init__(self, port, limit):
-        self.port, self.limit = port, limit
+    def __init__(self, port, limit, cut=b"/output "):
+        self.port, self.limit, self.cut = port, limit, cut
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.cuts = 0
+        self.request_lines = []
         threading.Thread(target=self.accept, daemon=True).start()
 
     def accept(self):
@@ -548,7 +569,8 @@ class CuttingProxy:
                     return
                 head += data
             upstream.sendall(head)  # GET requests only: no body follows
-            cut = b"/output " in head.split(b"\r\n")[0]
+            self.request_lines.append(head.split(b"\r\n")[0].decode())
+            cut = self.cut in self.request_lines[-1].encode()
             sent = 0
             while True:
                 data = upstream.recv(65536)

@@ -190,6 +190,36 @@ def test_follow_streams_lines_while_the_job_runs(jobd):
     conn.close()
 
 
+def test_logs_from_an_offset(make_jobd):
+    """?offset=N leaves out the first N bytes, with or without follow, queued, running or
+    ended, and says so in Jobd-Log-Offset; anything but a number of bytes is a 400."""
+    jobd = make_jobd(args=["--workers", "1"])
+    assert put(jobd, "first", {"run.sh": "printf 'first\\n'; sleep 1; printf 'second\\n'\n"}).status == 201
+    assert put(jobd, "queued", {"run.sh": "echo from queued\n"}).status == 201
+    queued = {}
+    reader = threading.Thread(target=lambda: queued.update(
+        resp=jobd.request("GET", "/api/jobs/queued/logs/stdout?follow=1&offset=5")))
+    reader.start()
+    wait_status(jobd, "first", {"RUNNING"})
+    deadline = time.monotonic() + 5
+    while jobd.request("GET", "/api/jobs/first/logs/stdout").body != b"first\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    running = jobd.request("GET", "/api/jobs/first/logs/stdout?follow=1&offset=3")
+    assert running.status == 200 and running.body == b"st\nsecond\n"
+    assert running.headers["Jobd-Log-Offset"] == "3"
+    ended = jobd.request("GET", "/api/jobs/first/logs/stdout?offset=6")
+    assert ended.body == b"second\n" and ended.headers["Content-Length"] == "7"
+    beyond = jobd.request("GET", "/api/jobs/first/logs/stdout?offset=100")
+    assert beyond.status == 200 and beyond.body == b"" and beyond.headers["Jobd-Log-Offset"] == "100"
+    assert jobd.request("GET", "/api/jobs/first/logs/stdout?offset=100&follow=1").body == b""
+    reader.join(20)
+    assert queued["resp"].status == 200 and queued["resp"].body == b"queued\n"
+    for bad in ("-1", "abc", "1.5", "%D9%A3"):
+        refused = jobd.request("GET", f"/api/jobs/first/logs/stdout?offset={bad}")
+        assert refused.status == 400 and "offset" in refused.json()["message"], bad
+
+
 def test_follow_of_a_queued_job_waits_for_it(make_jobd):
     jobd = make_jobd(args=["--workers", "1"])
     assert put(jobd, "first", {"run.sh": "sleep 1\n"}).status == 201
