@@ -282,15 +282,10 @@ def load_config(args, environ):
                 values[setting.name] = setting.parse(raw)
         except ValueError as e:
             raise SystemExit(f"jobd: {source}: {e}")
-    token = environ.get("JOBD_TOKEN") or None
-    if values.get("token_file"):
-        try:
-            with open(values["token_file"]) as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise SystemExit(f"jobd: --token-file: {e.strerror}: {values['token_file']}")
-        if not token:
-            raise SystemExit(f"jobd: --token-file: {values['token_file']} is empty")
+    try:
+        token = read_token(values.get("token_file"), environ)
+    except ValueError as e:
+        raise SystemExit(f"jobd: --token-file: {e}")
     if values.get("executor") == "slurm":
         missing = [name for name in ("sbatch", "squeue", "scancel", "scontrol")
                    if shutil.which(name, path=environ.get("PATH", os.defpath)) is None]
@@ -299,6 +294,24 @@ def load_config(args, environ):
     elif values.get("slurm_option") or values.get("slurm_job_options"):
         raise SystemExit("jobd: --slurm-option and --slurm-job-options need --executor slurm")
     return Config(token=token, slurml_token=environ.get("SLURML_API_TOKEN") or None, **values)
+
+
+def read_token(token_file, environ):
+    """The API token, read the same way by the server and the client: the token file's
+    content when one is given, else JOBD_TOKEN; without the white space around it (a file
+    or a mounted secret often ends in a newline). None when neither is set; ValueError
+    when the file cannot be read or holds nothing."""
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the token file {token_file}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+        if not token:
+            raise ValueError(f"the token file {token_file} is empty")
+        return token
+    return environ.get("JOBD_TOKEN", "").strip() or None
 
 
 # ====================================================================================
@@ -474,6 +487,13 @@ class RangeNotSatisfiable(JobdError):
 class NotReady(JobdError):
     """The Go daemon's answer for a job that has not finished: 202 with an error body."""
     status, code = 202, "no_content"
+
+
+# Words the client reads in jobd's answers to choose its exit code: one definition for both.
+JOB_NOT_FOUND = "job not found"             # a 404 about a job (Go's words)
+NO_SUCH_ENDPOINT = "no such endpoint"       # a 404 about the path: an older jobd, or not jobd
+ALREADY_FINISHED = "job already finished"   # a 409 to a cancel
+JOB_TIMED_OUT = "job timed out"             # the start of a timed-out job's Message
 
 
 # ====================================================================================
@@ -1790,7 +1810,7 @@ class Runner:
         if active.reason == "cancel":
             return CANCELLED, "job cancelled", None
         if active.reason == "timeout":
-            return FAILED, f"job timed out after {timeout:g} s and was killed", None
+            return FAILED, f"{JOB_TIMED_OUT} after {timeout:g} s and was killed", None
         return describe_exit(code, os.path.join(job_dir, STDERR_FILE))
 
     def end_group(self, pgid, active):
@@ -2180,7 +2200,7 @@ class Slurm:
             late = (job["timeout"] and job["status"] == RUNNING
                     and time.time() >= job["started_at"] + job["timeout"])
             if stopped_for == "timeout" or (stopped_for is None and late):
-                status, message = FAILED, f"job timed out after {job['timeout']:g} s and was killed"
+                status, message = FAILED, f"{JOB_TIMED_OUT} after {job['timeout']:g} s and was killed"
             else:
                 message = "job cancelled" if stopped_for else f"job cancelled in Slurm ({where})"
         elif (state == "FAILED" and (code == 97 or reason == "JobLaunchFailure")
@@ -2431,7 +2451,7 @@ class Slurml:
         """Ask the service about one job; record its end if it has one."""
         jobid = job["slurm_id"]
         if job["timeout"] and time.time() >= job["started_at"] + job["timeout"]:
-            return self.end(job, FAILED, f"job timed out after {job['timeout']:g} s (slurml "
+            return self.end(job, FAILED, f"{JOB_TIMED_OUT} after {job['timeout']:g} s (slurml "
                                          f"cannot cancel: its job {jobid} may still run there)")
         try:
             status, body = self.request("GET", f"/api/download/{jobid}")
@@ -3857,7 +3877,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise MethodNotAllowed(f"method {method} is not allowed on {path}",
                                        Allow=", ".join(allow))
             return methods[method], {k: unquote(v) for k, v in match.groupdict().items()}
-        raise NotFound(f"no such endpoint: {path}")
+        raise NotFound(f"{NO_SUCH_ENDPOINT}: {path}")
 
     def request_body(self):
         self.body = RequestBody(self.rfile, self.headers, self.app.cfg.max_upload,
@@ -4010,7 +4030,7 @@ class Handler(BaseHTTPRequestHandler):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
         job = self.app.store.get(job_id) if is_job_id(job_id) else None
         if job is None:
-            raise NotFound("job not found")
+            raise NotFound(JOB_NOT_FOUND)
         if job["status"] not in FINISHED:
             raise NotReady("job not ready")
         self.send_job_with_output(206 if job["status"] == PARTIAL else 200, job)
@@ -4040,7 +4060,7 @@ class Handler(BaseHTTPRequestHandler):
     def known_job(self, job_id):
         job = self.app.store.get(job_id) if is_job_id(job_id) else None
         if job is None:
-            raise NotFound("job not found")
+            raise NotFound(JOB_NOT_FOUND)
         return job
 
     def put_job(self, job_id):
@@ -4218,7 +4238,7 @@ class Handler(BaseHTTPRequestHandler):
         """POST /api/jobs/{id}/cancel: a queued job never starts, a running one is stopped."""
         job = self.known_job(job_id)
         if job["status"] in FINISHED and job["status"] != CANCELLED:
-            raise Conflict(f"job already finished ({job['status']})")
+            raise Conflict(f"{ALREADY_FINISHED} ({job['status']})")
         self.app.runner.cancel(job_id, wait=self.app.cfg.grace + 2)
         self.send_json(200, status_object(self.known_job(job_id)))
 
@@ -4644,9 +4664,9 @@ class Api:
         if status == 401:
             return ClientError(f"unauthorized ({message}): set JOBD_TOKEN or --token-file",
                                EXIT_UNAUTHORIZED)
-        if status == 404 and job_id is not None and "job not found" in message:
+        if status == 404 and job_id is not None and JOB_NOT_FOUND in message:
             return ClientError(f"no job {job_id!r} on {self.url}", EXIT_NOT_FOUND)
-        if status == 404 and (not from_jobd or "no such endpoint" in message):
+        if status == 404 and (not from_jobd or NO_SUCH_ENDPOINT in message):
             return NoEndpoint(f"{self.url} has no such endpoint ({message})", EXIT_NOT_FOUND)
         return ClientError(f"{message} (HTTP {status})",
                            EXIT_NOT_FOUND if status == 404 else EXIT_ERROR)
@@ -4682,23 +4702,6 @@ class Api:
 
 def job_path(job_id, *rest):
     return "/".join(["/api/jobs", quote(job_id, safe="")] + list(rest))
-
-
-def read_token(token_file):
-    """The API token, as the server reads its own: from --token-file (or JOBD_TOKEN_FILE)
-    when given, else JOBD_TOKEN; None when neither."""
-    token_file = token_file or os.environ.get("JOBD_TOKEN_FILE")
-    if token_file:
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ClientError(f"cannot read the token file {token_file}: "
-                              f"{getattr(e, 'strerror', None) or e}") from None
-        if not token:
-            raise ClientError(f"the token file {token_file} is empty")
-        return token
-    return os.environ.get("JOBD_TOKEN", "").strip() or None
 
 
 # -- what is uploaded: a folder zipped on the fly, or a zip ----------------------------
@@ -4926,7 +4929,7 @@ def job_exit_code(job):
         return EXIT_CANCELLED
     # jobd's own words come first; what follows "exit status N: " is the job's stderr
     own_words = re.split(r"(?:exit status \d+|signal: [\w ]+): ", message)[0]
-    if "timed out" in own_words:
+    if JOB_TIMED_OUT in own_words:
         return EXIT_TIMED_OUT
     if code is None:  # the Go daemon has no ExitCode: read it from its message
         match = re.search(r"exit status (\d+)", message)
@@ -5327,7 +5330,7 @@ def interrupted(api, args, job_id, resource_api):
     try:
         job = api.json("POST", job_path(job_id, "cancel"), job_id=job_id)
     except ClientError as e:
-        if "already finished" not in e.message:
+        if ALREADY_FINISHED not in e.message:
             raise
         job = api.json("GET", job_path(job_id), job_id=job_id)
     say(f"job {job_id}: {job['Status']}")
@@ -5417,7 +5420,7 @@ def cmd_cancel(api, args):
     try:
         job = api.json("POST", job_path(args.id, "cancel"), job_id=args.id)
     except ClientError as e:
-        if "already finished" in e.message:
+        if ALREADY_FINISHED in e.message:
             raise ClientError(f"job {args.id} has already finished; nothing to cancel") from None
         raise
     if args.json:
@@ -5588,7 +5591,11 @@ def client_main(argv):
     if args.command == "health" and not (args.url or os.environ.get("JOBD_URL")):
         url = f"http://127.0.0.1:{os.environ.get('PORT') or 8080}"  # the jobd beside it
     try:
-        api = Api(url, read_token(args.token_file))
+        try:
+            token = read_token(args.token_file or os.environ.get("JOBD_TOKEN_FILE"), os.environ)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
+        api = Api(url, token)
         return COMMANDS[args.command](api, args)
     except NoEndpoint as e:
         if args.command in ("submit", "wait", "fetch"):

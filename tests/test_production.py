@@ -101,6 +101,21 @@ def test_an_empty_token_file_is_refused(make_jobd, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_the_token_is_read_as_the_client_reads_it(make_jobd, tmp_path):
+    """JOBD_TOKEN from a secret often ends in a newline: jobd strips it, as its client does;
+    a token file that is not UTF-8 is a one-line error, not a traceback."""
+    jobd = make_jobd(env={**os.environ, "JOBD_TOKEN": f" {TOKEN}\n"})
+    assert jobd.request("GET", "/api/jobs", headers=AUTH).status == 200
+    assert jobd.request("GET", "/api/jobs").status == 401
+    (tmp_path / "latin1").write_bytes(b"caf\xe9\n")
+    proc = subprocess.run(
+        jobd.command + ["--port", "0", "--token-file", str(tmp_path / "latin1"),
+                        "--data", str(tmp_path / "d"), "--db", str(tmp_path / "db")],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "cannot read the token file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 # ---- time limits and the queue cap ---------------------------------------------------------
 
 CHILDREN = """\
