@@ -133,13 +133,13 @@ def assert_nothing_stored(server, job_id=None, before=None):
 
 def shared_server(command, workdir):
     """A started Jobd for a whole module's worth of tests that store nothing (each one
-    checks it left the store as it found it): saves a start per test. Killed after."""
+    checks it left the store as it found it): saves a start per test. Stopped after."""
     from conftest import Jobd
     server = Jobd(command, workdir, ["--request-timeout", "2s"]).start()
     try:
         yield server
     finally:
-        server.kill()
+        server.close()
 
 
 def tree_size(path):

@@ -252,7 +252,7 @@ def test_no_arguments_or_serve_still_serve(jobd_command_for_impl, tmp_path):
     try:
         assert server.request("GET", "/api/jobs").status == 200
     finally:
-        server.kill()
+        server.close()
     env = dict(os.environ, PORT="0", DB_PATH=str(tmp_path / "db"), DATAPATH=str(tmp_path / "d"),
                JOBD_HOST="127.0.0.1")
     bare = subprocess.Popen(jobd_command_for_impl, env=env, stdin=subprocess.DEVNULL,
@@ -728,16 +728,18 @@ def ctrl_c(proc):
     os.killpg(proc.pid, signal.SIGINT)
 
 
-def start_waiting(client, tmp_path, *flags):
+def start_waiting(client, jobd, tmp_path, *flags):
+    """A `submit --wait` of a long job, once it is in its waiting loop (it has asked
+    jobd for the job's status)."""
     folder = job_folder(tmp_path, {"run.sh": "sleep 30\n"})
     proc = client.start("submit", folder, "--wait", *flags)
     job_id = read_line(proc.stdout).strip()
-    time.sleep(0.5)  # in the waiting loop by now
+    assert wait_for_log(jobd, f"path=/api/jobs/{job_id} status=200") >= 1, jobd.log_text()
     return proc, job_id
 
 
 def test_ctrl_c_leaves_the_job_running(client, jobd, tmp_path):
-    proc, job_id = start_waiting(client, tmp_path, "-o", "later")
+    proc, job_id = start_waiting(client, jobd, tmp_path, "-o", "later")
     ctrl_c(proc)
     time.sleep(0.05)  # a late copy of the same Ctrl-C (a busy bootloader forwarding it)
     proc.send_signal(signal.SIGINT)
@@ -749,7 +751,7 @@ def test_ctrl_c_leaves_the_job_running(client, jobd, tmp_path):
 
 
 def test_second_ctrl_c_cancels_the_job(client, jobd, tmp_path):
-    proc, job_id = start_waiting(client, tmp_path)
+    proc, job_id = start_waiting(client, jobd, tmp_path)
     ctrl_c(proc)
     time.sleep(0.7)
     ctrl_c(proc)
@@ -759,7 +761,7 @@ def test_second_ctrl_c_cancels_the_job(client, jobd, tmp_path):
 
 
 def test_cancel_on_interrupt(client, jobd, tmp_path):
-    proc, job_id = start_waiting(client, tmp_path, "--cancel-on-interrupt")
+    proc, job_id = start_waiting(client, jobd, tmp_path, "--cancel-on-interrupt")
     ctrl_c(proc)
     _, errors = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_CANCELLED, errors
