@@ -114,6 +114,11 @@ def test_the_token_is_read_as_the_client_reads_it(make_jobd, tmp_path):
         capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0 and "cannot read the token file" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    blank = subprocess.run(
+        jobd.command + ["--port", "0", "--data", str(tmp_path / "d"), "--db", str(tmp_path / "db")],
+        env={**os.environ, "JOBD_TOKEN": " \n"}, capture_output=True, text=True, timeout=30)
+    assert blank.returncode != 0 and "white space" in blank.stderr  # not an open jobd
+    assert len(blank.stderr.strip().splitlines()) == 1, blank.stderr
 
 
 # ---- time limits and the queue cap ---------------------------------------------------------
@@ -413,16 +418,21 @@ def test_jobs_see_jobds_environment_but_not_its_secrets(make_jobd):
 # ---- the data directory on ext2/3/4 ------------------------------------------------------
 
 FS_IOC_GETFLAGS = 2 << 30 | struct.calcsize("l") << 16 | ord("f") << 8 | 1  # linux/fs.h
+FS_IOC_SETFLAGS = 1 << 30 | struct.calcsize("l") << 16 | ord("f") << 8 | 2
 FS_TOPDIR_FL = 0x00020000
 
 
-def attribute_flags(path):
-    """The ext2/3/4 attribute flags of a directory (what lsattr shows); None where the
-    file system has no such attributes."""
+def attribute_flags(path, add=0):
+    """The ext2/3/4 attribute flags of a directory (what lsattr shows), after adding
+    `add` to them; None where the file system has no such attributes or refuses these."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         flags = array.array("i", [0])
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        if add:
+            flags[0] |= add
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
         return flags[0]
     except OSError:
         return None
@@ -430,11 +440,12 @@ def attribute_flags(path):
         os.close(fd)
 
 
-def test_the_data_directory_spreads_job_folders_over_the_disk(jobd):
+def test_the_data_directory_spreads_job_folders_over_the_disk(jobd, tmp_path):
     """jobd gives DATAPATH the T attribute (chattr +T), and only DATAPATH, so that ext4
     spreads the job folders over its block groups; jobs run as before."""
-    if attribute_flags(jobd.workdir) is None:
-        pytest.skip("the test directory's file system has no ext2/3/4 attributes")
+    (tmp_path / "probe").mkdir()
+    if not (attribute_flags(tmp_path / "probe", add=FS_TOPDIR_FL) or 0) & FS_TOPDIR_FL:
+        pytest.skip("the test directory's file system has no T attribute (not ext2/3/4)")
     assert attribute_flags(jobd.data) & FS_TOPDIR_FL
     assert not attribute_flags(jobd.workdir) & FS_TOPDIR_FL
     assert not attribute_flags(jobd.data / ".jobd") & FS_TOPDIR_FL

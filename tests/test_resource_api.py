@@ -213,9 +213,11 @@ def test_logs_from_an_offset(make_jobd):
     beyond = jobd.request("GET", "/api/jobs/first/logs/stdout?offset=100")
     assert beyond.status == 200 and beyond.body == b"" and beyond.headers["Jobd-Log-Offset"] == "100"
     assert jobd.request("GET", "/api/jobs/first/logs/stdout?offset=100&follow=1").body == b""
+    huge = jobd.request("GET", "/api/jobs/first/logs/stdout?offset=999999999999999999&follow=1")
+    assert huge.status == 200 and huge.body == b""
     reader.join(20)
     assert queued["resp"].status == 200 and queued["resp"].body == b"queued\n"
-    for bad in ("-1", "abc", "1.5", "%D9%A3"):
+    for bad in ("-1", "abc", "1.5", "%D9%A3", "1" * 19, "9" * 5000):
         refused = jobd.request("GET", f"/api/jobs/first/logs/stdout?offset={bad}")
         assert refused.status == 400 and "offset" in refused.json()["message"], bad
 
