@@ -756,8 +756,8 @@ def spread_folders(path):
     jobd makes a folder and three files for every job and deletes them after. Packed
     into one block group, that churn is slow on ext4 without a journal: its inode
     allocator steps over every inode freed there in the last minutes, one at a time.
-    Measured on such a disk, a burst of 200 jobs ran 38 % faster with the attribute.
-    """
+    Measured on such a disk, bursts of 200 jobs ran at 270 jobs/s with the attribute
+    against 195 without (medians of 6, alternated)."""
     try:
         import fcntl  # POSIX only: jobd.py still runs as a client elsewhere
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
