@@ -48,7 +48,7 @@ import zipfile
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 
@@ -5450,8 +5450,7 @@ def cmd_ls(api, args):
         query = {"limit": min(LIST_LIMIT, args.limit - len(jobs))}
         query.update({"status": statuses} if statuses else {})
         query.update({"cursor": cursor} if cursor else {})
-        page = api.json("GET", "/api/jobs?" + "&".join(f"{k}={quote(str(v))}"
-                                                       for k, v in query.items()))
+        page = api.json("GET", "/api/jobs?" + urlencode(query))
         jobs += page["Jobs"]
         cursor = page.get("Next")
         if not cursor or len(jobs) >= args.limit:
