@@ -28,9 +28,8 @@ $(VENV)/.installed: requirements-dev.txt
 # The whole suite, against the source and against the frozen dist/jobd. As root, what the
 # root-only tests need (Slurm, busybox, debootstrap, build tools) is installed with apt.
 test: $(VENV)/.installed test-deps
-	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory dist/jobd; \
-	else $(MAKE) --no-print-directory dist/jobd || \
-	    echo "make test: no dist/jobd (its build tools are installed as root): its tests skip"; fi
+	@$(MAKE) --no-print-directory dist/jobd || { [ "$$(id -u)" != 0 ] && \
+	    echo "make test: no dist/jobd (its build tools are installed as root): its tests skip"; }
 	$(PY) -m pytest tests
 
 test-deps:

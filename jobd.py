@@ -750,8 +750,8 @@ FS_TOPDIR_FL = 0x00020000  # chattr +T: "the top of a directory hierarchy"
 
 def spread_folders(path):
     """Give a directory ext2/3/4's T attribute (chattr +T), so that the folders made in
-    it are spread over the disk's block groups instead of packed into its own; True if
-    it has it. On file systems without such attributes nothing happens.
+    it are spread over the disk's block groups instead of packed into its own. On file
+    systems without such attributes, or a directory jobd does not own, nothing happens.
 
     jobd makes a folder and three files for every job and deletes them after. Packed
     into one block group, that churn is slow on ext4 without a journal: its inode
@@ -762,18 +762,21 @@ def spread_folders(path):
         import fcntl  # POSIX only: jobd.py still runs as a client elsewhere
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except (ImportError, OSError):
-        return False
-    try:
+        return
+    with contextlib.suppress(OSError):
         flags = array.array("i", [0])  # the kernel reads and writes an int
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
         if not flags[0] & FS_TOPDIR_FL:
             flags[0] |= FS_TOPDIR_FL
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    os.close(fd)
+
+
+def seek_within(f, size, skip):
+    """Move a file of `size` bytes `skip` bytes on, but never past its end (a log may be
+    followed from beyond what it holds yet); the bytes still to leave out."""
+    f.seek(min(skip, size))
+    return skip - min(skip, size)
 
 
 def fsync_path(path, directory=False):
@@ -4032,9 +4035,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
-        job = self.app.store.get(job_id) if is_job_id(job_id) else None
-        if job is None:
-            raise NotFound(JOB_NOT_FOUND)
+        job = self.known_job(job_id)
         if job["status"] not in FINISHED:
             raise NotReady("job not ready")
         self.send_job_with_output(206 if job["status"] == PARTIAL else 200, job)
@@ -4200,20 +4201,17 @@ class Handler(BaseHTTPRequestHandler):
                 if f is not None and size > offset:
                     self.send_file(f, offset, size - offset)
                 return
-            self.follow_log(job, name, f, size, offset)
+            self.follow_log(job, name, f, seek_within(f, size, offset) if f else offset)
 
-    def follow_log(self, job, name, f, size, offset):
-        """Send the log from byte `offset` as chunks as it grows, until the job has ended
-        and all is sent. (A file is never sought past its end: the bytes still to be
-        left out are dropped as they come.)"""
-        skip = offset
+    def follow_log(self, job, name, f, skip):
+        """Send the log as chunks as it grows, until the job has ended and all is sent,
+        leaving out the next `skip` bytes."""
         try:
             while True:
                 if f is None and job["status"] != QUEUED:
                     f, size = self.open_log(job, name)
-                if f is not None and skip and f.tell() == 0:
-                    f.seek(min(skip, size))
-                    skip -= min(skip, size)
+                    if f is not None:
+                        skip = seek_within(f, size, skip)
                 data = f.read(64 * KiB) if f is not None else b""
                 if data and skip:
                     data, skip = data[skip:], max(0, skip - len(data))

@@ -373,8 +373,7 @@ def client_round_trip(workdir, size_mb=200, repeats=3):
             assert code == 0, f"submit exited {code}"
             up.append(total / MB / seconds)
             peaks.append(rss)
-            wait_status(server, job, "SUCCESS", timeout=300)
-            output = json.loads(server.request("GET", f"/api/jobs/{job}").body)["OutputBytes"]
+            output = wait_status(server, job, "SUCCESS", timeout=300)["OutputBytes"]
             out = Path(workdir) / "out"
             seconds, code, rss = run_measured(client + ["fetch", job, "-o", str(out)],
                                               workdir, env)
