@@ -29,6 +29,7 @@ import os
 import queue
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -249,6 +250,11 @@ class Config:
     def db_file(self):
         return os.path.join(self.db, "jobd.sqlite3") if os.path.isdir(self.db) else self.db
 
+    def replace(self, **changes):
+        """A copy with some settings changed."""
+        values = {setting.name: getattr(self, setting.name) for setting in SETTINGS}
+        return Config(self.token, self.slurml_token, **dict(values, **changes))
+
 
 def server_arguments(parser):
     """Add one flag per setting, with the environment variable named in its help."""
@@ -329,6 +335,9 @@ class Log:
         self.lock = threading.Lock()
 
     def __call__(self, event, level="info", **fields):
+        self.write(self.line(event, level, **fields))
+
+    def line(self, event, level="info", **fields):
         now = time.time()
         if self.json:
             line = json.dumps({"time": rfc3339(now), "level": level, "event": event, **fields})
@@ -336,9 +345,12 @@ class Log:
             parts = [rfc3339(now, 3), event if level == "info" else f"{level.upper()} {event}"]
             parts += [f"{k}={format_log_value(v)}" for k, v in fields.items() if v is not None]
             line = " ".join(parts)
+        return line + "\n"
+
+    def write(self, lines):
         with self.lock:
             try:
-                self.stream.write(line + "\n")
+                self.stream.write(lines)
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # a closed stderr must not take the daemon down
@@ -966,7 +978,7 @@ class Store:
         os.makedirs(parent, exist_ok=True)
         self._idle = []
         self._queue_lock = threading.Lock()   # guards the two fields below
-        self._waiting = []                    # uploads waiting for the next group commit
+        self._waiting = []                    # groups of uploads waiting for a commit
         self._committing = False              # whether some thread is leading commits
         self._durable = self._connect()       # the leader's connection, synchronous=FULL
         self._durable.execute("PRAGMA synchronous = FULL")
@@ -1103,34 +1115,56 @@ class Store:
 
         Raises Conflict when the id exists, TooManyRequests when --max-queued jobs are
         waiting. The checks and the insert are one transaction, so of racing uploads
-        exactly one wins. Uploads arriving together
-        share that transaction and its fsync (group commit): the first waiting upload
-        leads, commits everyone waiting, wakes them, and hands the lead to the next one.
+        exactly one wins.
         """
-        entry = {"id": job_id, "spool": spool,
-                 "row": (int(slurml), timeout, callback, slurm_options),
-                 "error": None, "lead": False, "event": threading.Event()}
-        if not spool.in_memory:
-            spool.durable_file()  # the fsync of a large input happens outside the queue
+        upload = self.upload(job_id, spool, slurml, timeout, callback, slurm_options)
+        self.add_all([upload])
+        if upload["error"] is not None:
+            raise upload["error"]
+        return upload["job"]
+
+    @staticmethod
+    def upload(job_id, spool, slurml=False, timeout=None, callback=None, slurm_options=None):
+        """An upload for add_all(), which sets its "job" (the new row) or its "error"."""
+        return {"id": job_id, "spool": spool, "error": None,
+                "row": (int(slurml), timeout, callback, slurm_options)}
+
+    def add_all(self, uploads):
+        """Accept several uploads (from upload()); each gets its "job" or its "error".
+
+        Uploads arriving together share one transaction and its fsync (group commit): the
+        first group waiting leads, commits every group waiting, wakes them, and hands the
+        lead to the next group that came meanwhile.
+        """
+        for upload in uploads:
+            if not upload["spool"].in_memory:
+                upload["spool"].durable_file()  # a large input's fsync happens outside the queue
+        group = {"uploads": uploads, "lead": False, "event": threading.Event()}
         with self._queue_lock:
-            self._waiting.append(entry)
-            entry["lead"] = not self._committing
+            self._waiting.append(group)
+            group["lead"] = not self._committing
             self._committing = True
-        if not entry["lead"]:
-            entry["event"].wait()  # set when committed, or when handed the lead
-        if entry["lead"]:
-            with self._queue_lock:  # at most 500: SQLite takes 999 parameters at least
-                batch, self._waiting = self._waiting[:500], self._waiting[500:]
-            self._commit(batch)
+        if not group["lead"]:
+            group["event"].wait()  # set when committed, or when handed the lead
+        if group["lead"]:
+            with self._queue_lock:  # about 500 uploads: SQLite takes 999 parameters at least
+                count = total = 0
+                for waiting in self._waiting:
+                    total += len(waiting["uploads"])
+                    if count and total > 500:
+                        break
+                    count += 1
+                batch, self._waiting = self._waiting[:count], self._waiting[count:]
+            self._commit([upload for g in batch for upload in g["uploads"]])
+            for g in batch:
+                g["lead"] = False
+                g["event"].set()
             with self._queue_lock:
                 if self._waiting:
                     self._waiting[0]["lead"] = True
                     self._waiting[0]["event"].set()
                 else:
                     self._committing = False
-        if entry["error"] is not None:
-            raise entry["error"]
-        return entry["job"]
 
     def _commit(self, batch):
         """One durable transaction for a batch of uploads: a handful of statements, however
@@ -1173,9 +1207,6 @@ class Store:
         except Exception as e:
             for entry in batch:
                 entry["error"] = entry["error"] or e
-        for entry in batch:
-            entry["lead"] = False
-            entry["event"].set()
 
     def get(self, job_id):
         with self._db() as db:
@@ -1670,6 +1701,12 @@ class Runner:
         self.lock = threading.Lock()     # guards self.active and every claim
         self.active = {}                 # job id -> ActiveJob
         self.threads = []
+        self.window_start, self.window_count = 0.0, 0  # uploads accepted lately
+        self.flood_until = 0.0           # uploads arrive in a flood until then
+
+    FLOOD_RATE = 1000  # uploads a second that make a flood...
+    FLOOD = 0.02       # ...counted over this many seconds
+    GIVE_WAY = 0.05    # the longest a worker waits for a flood to pass before a claim
 
     # -- start, notify, stop ----------------------------------------------------------
 
@@ -1689,6 +1726,28 @@ class Runner:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self.threads.append(thread)
+
+    def uploads_accepted(self, count):
+        """The front end accepted `count` uploads. While they arrive at FLOOD_RATE a
+        second or more, workers give way to them (give_way): accepting a job durably comes
+        before starting one, and both take turns for one interpreter lock."""
+        now = time.monotonic()
+        if now - self.window_start > self.FLOOD:
+            self.window_start, self.window_count = now, 0
+        self.window_count += count
+        if self.window_count >= self.FLOOD_RATE * self.FLOOD:
+            self.flood_until = now + self.FLOOD
+        self.notify()
+
+    def give_way(self):
+        """During a flood of uploads, wait (GIVE_WAY at most) before claiming a job. Jobs
+        of real length do not notice; trivial ones start at 1/GIVE_WAY a second per worker
+        or more until the flood has passed, and at full speed after."""
+        deadline = time.monotonic() + self.GIVE_WAY
+        while True:
+            wait = min(self.flood_until, deadline) - time.monotonic()
+            if wait <= 0 or self.stopping.wait(wait):
+                return
 
     def notify(self):
         with self.wakeup:
@@ -1720,6 +1779,7 @@ class Runner:
         while not self.stopping.is_set():
             with self.wakeup:
                 seen = self.generation
+            self.give_way()
             try:
                 with self.lock:
                     job = self.store.claim_next()
@@ -2529,10 +2589,10 @@ class RequestBody:
         if not self.chunked:
             length = headers.get("Content-Length", "0").strip()
             if not (length.isascii() and length.isdigit()):
-                raise BadRequest(f"invalid Content-Length {length!r}")
-            self.left = int(length)
+                raise BadRequest(f"invalid Content-Length {length[:40]!r}")
+            self.left = int(length) if len(length) <= 18 else math.inf  # (int() refuses 4,300)
             if self.left > limit:
-                raise PayloadTooLarge(f"request body of {self.left} bytes is larger than the "
+                raise PayloadTooLarge(f"request body of {length[:40]} bytes is larger than the "
                                       f"limit of {limit} bytes (JOBD_MAX_UPLOAD)")
             self.done = self.left == 0
 
@@ -3738,6 +3798,70 @@ def http_date(seconds):
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
 
 
+def check_token(cfg, path, headers):
+    """With a token configured, /api/ (and /metrics unless public) need the bearer
+    token, and so do the job-orchestrator routes that touch jobs; those also take it as
+    the user or password of Basic auth, which the orchestrator sends for a URL such as
+    http://jobd:TOKEN@host/submit (it cannot send other headers). Compared in constant
+    time."""
+    token = cfg.token
+    orchestrator = ORCH_GUARDED.fullmatch(path) is not None
+    if not token or not (path.startswith("/api/") or path == "/api" or orchestrator or
+                         (path == "/metrics" and not cfg.metrics_public)):
+        return
+    scheme, _, given = headers.get("Authorization", "").partition(" ")
+    offered = [given.strip()] if scheme.lower() == "bearer" else []
+    if orchestrator and scheme.lower() == "basic":
+        offered = [part for part in basic_credentials(given) if part]
+    if not any(hmac.compare_digest(value.encode(), token.encode()) for value in offered):
+        raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
+                           **{"WWW-Authenticate": "Bearer"})
+
+
+def read_upload(body, spool, cfg):
+    """Read and check a POST /api/upload body, its input going to `spool`:
+    (job id, options for Store.add), or a JobdError saying what is wrong."""
+    fields, input_given = UploadReader(body, spool).read()
+    job_id, slurml = fields.get("id"), fields.get("slurml")
+    if job_id is not None and not isinstance(job_id, str):
+        raise BadRequest('invalid JSON: "id" must be a string')
+    if slurml is not None and not isinstance(slurml, bool):
+        raise BadRequest('invalid JSON: "slurml" must be true or false')
+    if not job_id:
+        raise BadRequest("error validating job job id is required")
+    check_job_id(job_id)
+    if not input_given:
+        raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
+    if slurml and not (cfg.slurml_url and cfg.slurml_token):
+        raise BadRequest("slurml jobs are forwarded to a slurml service, and this jobd "
+                         "has none: set SLURML_API_URL and SLURML_API_TOKEN")
+    options = job_options(cfg, fields.get("timeout"), fields.get("callback"),
+                          fields.get("slurm"), slurml=bool(slurml))
+    check_input_zip(spool, cfg)
+    return job_id, dict(options, slurml=bool(slurml))
+
+
+def job_options(cfg, timeout, callback, slurm=None, slurml=False):
+    """A job's validated options: its time limit (its own, else the server's default,
+    capped by --max-timeout), its callback URL and its own sbatch options."""
+    if timeout is not None:
+        if isinstance(timeout, str):
+            try:
+                timeout = float(timeout)
+            except ValueError:
+                raise BadRequest(f"timeout must be a number of seconds, not {timeout!r}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout < float("inf")):
+            raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
+    timeout = timeout or cfg.timeout
+    if cfg.max_timeout:
+        timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
+    if callback is not None:
+        check_callback_url(callback, cfg.callback_allow)
+    return {"timeout": timeout, "callback": callback,
+            "slurm_options": check_slurm_options(slurm, cfg, slurml)}
+
+
 class Handler(BaseHTTPRequestHandler):
     """Serves the API; one instance per connection, one call of dispatch() per request.
 
@@ -3751,10 +3875,17 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self):
+        """Frontend may hand over a connection with an answer it could not send at once,
+        and the bytes it has read of the next request."""
         self.app = self.server.app
         self.timeout = self.app.cfg.request_timeout
         super().setup()
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        unsent, read = self.server.handed.pop(self.request, (b"", b""))
+        if unsent:
+            self.request.sendall(unsent)
+        if read:
+            self.rfile = io.BufferedReader(Prefixed(read, self.rfile.detach()))
 
     def parse_request(self):
         """http.server's request parsing, stricter and leaner: HTTP/1.0 and 1.1 only,
@@ -3788,8 +3919,9 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self):
         """Refuse a too large body before the client sends it."""
         length = self.headers.get("Content-Length", "")
-        if length.isascii() and length.isdigit() and int(length) > self.app.cfg.max_upload:
-            self.send_failure(PayloadTooLarge(f"request body of {length} bytes is larger than "
+        if (length.isascii() and length.isdigit()
+                and (len(length) > 18 or int(length) > self.app.cfg.max_upload)):
+            self.send_failure(PayloadTooLarge(f"request body of {length[:40]} bytes is larger than "
                                               f"the limit of {self.app.cfg.max_upload} bytes"))
             return False
         return super().handle_expect_100()
@@ -3854,23 +3986,7 @@ class Handler(BaseHTTPRequestHandler):
                          if self.client_address else None)
 
     def authorize(self, path):
-        """With a token configured, /api/ (and /metrics unless public) need the bearer
-        token, and so do the job-orchestrator routes that touch jobs; those also take it as
-        the user or password of Basic auth, which the orchestrator sends for a URL such as
-        http://jobd:TOKEN@host/submit (it cannot send other headers). Compared in constant
-        time."""
-        token = self.app.cfg.token
-        orchestrator = ORCH_GUARDED.fullmatch(path) is not None
-        if not token or not (path.startswith("/api/") or path == "/api" or orchestrator or
-                             (path == "/metrics" and not self.app.cfg.metrics_public)):
-            return
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        offered = [given.strip()] if scheme.lower() == "bearer" else []
-        if orchestrator and scheme.lower() == "basic":
-            offered = [part for part in basic_credentials(given) if part]
-        if not any(hmac.compare_digest(value.encode(), token.encode()) for value in offered):
-            raise Unauthorized("missing or wrong token: send Authorization: Bearer <token>",
-                               **{"WWW-Authenticate": "Bearer"})
+        check_token(self.app.cfg, path, self.headers)
 
     def route(self, method, path):
         for pattern, methods in COMPILED_ROUTES:
@@ -3984,54 +4100,18 @@ class Handler(BaseHTTPRequestHandler):
     # -- the Go API -------------------------------------------------------------------
 
     def upload(self):
-        """POST /api/upload: {"id", "input" (base64 zip)} -> 201 and the job object."""
+        """POST /api/upload: {"id", "input" (base64 zip)} -> 201 and the job object.
+        (Frontend answers most uploads itself; this is the way for the rest.)"""
         app = self.app
         spool = app.store.spool()
         try:
-            fields, input_given = UploadReader(self.request_body(), spool).read()
-            job_id, slurml = fields.get("id"), fields.get("slurml")
-            if job_id is not None and not isinstance(job_id, str):
-                raise BadRequest('invalid JSON: "id" must be a string')
-            if slurml is not None and not isinstance(slurml, bool):
-                raise BadRequest('invalid JSON: "slurml" must be true or false')
-            if not job_id:
-                raise BadRequest("error validating job job id is required")
-            check_job_id(job_id)
-            if not input_given:
-                raise BadRequest('"input" is required: the base64 of a zip holding run.sh')
-            if slurml and not (app.cfg.slurml_url and app.cfg.slurml_token):
-                raise BadRequest("slurml jobs are forwarded to a slurml service, and this jobd "
-                                 "has none: set SLURML_API_URL and SLURML_API_TOKEN")
-            options = self.job_options(fields.get("timeout"), fields.get("callback"),
-                                       fields.get("slurm"), slurml=bool(slurml))
-            check_input_zip(spool, app.cfg)
-            job = app.store.add(job_id, spool, slurml=bool(slurml), **options)
+            job_id, options = read_upload(self.request_body(), spool, app.cfg)
+            job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
         app.runner.notify()
         head, tail = job_object_parts(job)
         self.send_bytes(201, (head + tail).encode())
-
-    def job_options(self, timeout, callback, slurm=None, slurml=False):
-        """A job's validated options: its time limit (its own, else the server's default,
-        capped by --max-timeout), its callback URL and its own sbatch options."""
-        cfg = self.app.cfg
-        if timeout is not None:
-            if isinstance(timeout, str):
-                try:
-                    timeout = float(timeout)
-                except ValueError:
-                    raise BadRequest(f"timeout must be a number of seconds, not {timeout!r}")
-            if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                    or not 0 < timeout < float("inf")):
-                raise BadRequest(f"timeout must be a positive number of seconds, not {timeout!r}")
-        timeout = timeout or cfg.timeout
-        if cfg.max_timeout:
-            timeout = min(timeout or cfg.max_timeout, cfg.max_timeout)
-        if callback is not None:
-            check_callback_url(callback, cfg.callback_allow)
-        return {"timeout": timeout, "callback": callback,
-                "slurm_options": check_slurm_options(slurm, cfg, slurml)}
 
     def get_job(self, job_id):
         """GET /api/get/{id}: 404 unknown, 202 not finished, 200 (206 PARTIAL) with Output."""
@@ -4082,9 +4162,9 @@ class Handler(BaseHTTPRequestHandler):
     def accept_zip(self, job_id):
         """Stream the body to the store's spool, validate it like /api/upload, store it."""
         app = self.app
-        options = self.job_options(self.headers.get("X-Jobd-Timeout"),
-                                   self.headers.get("X-Jobd-Callback"),
-                                   parse_slurm_header(self.headers.get("X-Jobd-Slurm")))
+        options = job_options(app.cfg, self.headers.get("X-Jobd-Timeout"),
+                              self.headers.get("X-Jobd-Callback"),
+                              parse_slurm_header(self.headers.get("X-Jobd-Slurm")))
         spool = app.store.spool()
         try:
             body = self.request_body()
@@ -4278,7 +4358,7 @@ class Handler(BaseHTTPRequestHandler):
                 except BadRequest as e:
                     problem = e.message
             if problem is None:
-                options = self.job_options(None, None)  # the server's time limit, if any
+                options = job_options(app.cfg, None, None)  # the server's time limit, if any
                 number = create_orchestrator_job(
                     app.store, lambda job_id: app.store.add(job_id, spool, **options))
                 app.store.mark_orchestrator(str(number))
@@ -4430,6 +4510,7 @@ class Server(ThreadingHTTPServer):
         """Listen on cfg.host; "" means every interface, IPv6 and IPv4 (like Go's ":8080"),
         falling back to IPv4 alone where the system has no IPv6."""
         self.app = app
+        self.handed = {}  # socket -> (answer not yet sent, request bytes read): Frontend's
         host = app.cfg.host
         if host == "" and socket.has_ipv6:
             try:
@@ -4465,6 +4546,302 @@ class Server(ThreadingHTTPServer):
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError, socket.timeout)):
             self.app.log("connection error", level="error", error=traceback.format_exc())
+
+
+class Prefixed(io.RawIOBase):
+    """A socket's byte stream, with bytes already read from it put back in front."""
+
+    def __init__(self, read, raw):
+        self.read_ahead, self.raw = memoryview(read), raw
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.read_ahead:
+            return self.raw.readinto(buffer)
+        n = min(len(buffer), len(self.read_ahead))
+        buffer[:n] = self.read_ahead[:n]
+        self.read_ahead = self.read_ahead[n:] if n < len(self.read_ahead) else b""
+        return n
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+class Connection:
+    """A connection the front end holds: what it has read of the next requests, since
+    when it has waited (idle, or for the rest of a request), and whether it has let go
+    of it (handed to a Handler, or closed)."""
+
+    __slots__ = ("sock", "address", "read", "since", "gone")
+
+    def __init__(self, sock, address):
+        self.sock, self.address = sock, address
+        self.read, self.since, self.gone = bytearray(), time.monotonic(), False
+
+
+class Frontend:
+    """The thread that accepts connections and holds the idle ones: one selectors loop.
+
+    It answers the most frequent request, a small POST /api/upload, by itself. In one
+    pass it reads every ready connection, checks each complete upload with the handler's
+    own code (read_upload), commits them all in one transaction (Store.add_all) and
+    answers each 201. Anything else -- another request, an upload that is large, unusual,
+    refused or slow to arrive, an answer the socket will not take at once -- goes with
+    the bytes read so far to a Handler thread, which replays it and keeps the connection.
+    So every answer but a plain 201 comes from Handler.
+
+    Rules that keep one client from holding up the others: sockets never block; a pass
+    takes one request per connection, and stops taking after PASS seconds; a connection
+    is read no further while READ bytes of it wait; the loop checks only zips that unpack
+    to UNPACKED bytes at most (a Handler thread checks bigger ones).
+
+    Why: many threads that each handle one small request take turns for the interpreter
+    lock at every system call; one loop does not (8 clients uploading, no jobs running:
+    1,100 -> 2,300 a second).
+    """
+
+    HEAD = (b"HTTP/1.1 201 Created\r\nServer: " + Handler.server_version.encode() +
+            b"\r\nDate: %s\r\nContent-Type: " + JSON_TYPE.encode() +
+            b"\r\nContent-Length: %d\r\n\r\n")  # the Handler's 201, byte for byte
+    FAST = 64 * KiB         # the largest upload request the loop answers itself
+    READ = 2 * FAST         # the most it reads ahead of one connection
+    UNPACKED = 256 * KiB    # the largest unpacked input it checks itself
+    PATIENCE = 1.0          # seconds a request may take to arrive before a Handler takes it
+    PASS = 0.025            # seconds of checking uploads per pass, at most
+    MOST = 256              # uploads per pass, so per commit
+
+    def __init__(self, server):
+        self.server, self.app = server, server.app
+        cfg = self.app.cfg
+        self.cfg = cfg.replace(max_unpacked=min(cfg.max_unpacked, self.UNPACKED))
+        self.selector = selectors.DefaultSelector()
+        self.stopping = threading.Event()
+        self.again = []         # connections with the next request already read
+        self.checked = time.monotonic()
+        self.paused_until = 0.0  # accepting stops for a moment when accept() fails
+        self.complained = 0.0    # when accept()'s failure was last logged
+
+    def run(self):
+        listener = self.server.socket
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.serve(listener)
+                except Exception:  # a bug of ours: logged, and the loop goes on
+                    self.app.log("front end error", level="error", error=traceback.format_exc())
+                    time.sleep(0.01)
+        finally:
+            for key in list(self.selector.get_map().values()):
+                if key.data is not None:
+                    self.close(key.data)
+            self.selector.close()
+
+    def serve(self, listener):
+        """One pass: accept, read, take the complete requests, answer the uploads."""
+        events = self.selector.select(0 if self.again else 0.1)
+        ready, self.again = self.again, []
+        for key, _ in events:
+            if key.fileobj is listener:
+                self.accept(listener)
+            elif self.receive(key.data):
+                ready.append(key.data)
+        uploads = []
+        deadline = time.monotonic() + self.PASS
+        for conn in dict.fromkeys(ready):
+            if conn.gone:
+                continue
+            if len(uploads) >= self.MOST or time.monotonic() > deadline:
+                self.again.append(conn)  # the next pass
+                continue
+            try:
+                self.take(conn, uploads)
+            except Exception:
+                self.app.log("connection error", level="error", error=traceback.format_exc())
+                self.close(conn)
+        if uploads:
+            self.answer(uploads)
+        now = time.monotonic()
+        if self.paused_until and now > self.paused_until:
+            self.paused_until = 0.0
+            self.selector.register(listener, selectors.EVENT_READ)
+        if now - self.checked > 0.25:
+            self.expire()
+
+    def accept(self, listener):
+        for _ in range(self.MOST):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors, say: wait a little
+                self.selector.unregister(listener)
+                self.paused_until = time.monotonic() + 0.1
+                if time.monotonic() - self.complained > 10:
+                    self.complained = time.monotonic()
+                    self.app.log("cannot accept connections", level="error", error=str(e))
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, Connection(sock, address))
+
+    def receive(self, conn):
+        """Read what has come; False when there is nothing new to look at. At the end of
+        the stream, requests already read still get their answers (from a Handler)."""
+        if len(conn.read) >= self.READ:
+            return True  # the requests already read come first
+        try:
+            data = conn.sock.recv(self.READ - len(conn.read))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if not data and conn.read:
+            self.hand_off(conn)
+        elif not data:
+            self.close(conn)
+        if not data:
+            return False
+        if not conn.read:
+            conn.since = time.monotonic()
+        conn.read += data
+        return True
+
+    def take(self, conn, uploads):
+        """Check the next request of a connection: an upload joins `uploads`; anything
+        else goes to a Handler; a request still arriving waits."""
+        read = conn.read
+        line = read.find(b"\n", 0, 64)
+        if line < 0 and len(read) < 64:
+            return  # the request line is still arriving
+        if line < 0 or read[:line + 1] != b"POST /api/upload HTTP/1.1\r\n":
+            return self.hand_off(conn)
+        end = read.find(b"\r\n\r\n", line - 1, 16 * KiB)
+        if end < 0:
+            if len(read) >= 16 * KiB:
+                self.hand_off(conn)
+            return
+        lines = bytes(read[line + 1:end]).split(b"\r\n") if end > line - 1 else []
+        if any(b"\n" in header or b"\r" in header for header in lines):
+            return self.hand_off(conn)  # a bare line feed: the Handler's reading decides
+        headers = Headers()
+        try:
+            for header in lines[:100]:
+                add_header(headers, header)
+        except BadRequest:
+            return self.hand_off(conn)
+        length = headers.get("Content-Length", "")
+        if (len(lines) >= 100 or not (length.isascii() and length.isdigit())
+                or len(length) > 6 or int(length) > self.FAST
+                or "transfer-encoding" in headers or "expect" in headers
+                or headers.get("Connection", "keep-alive") != "keep-alive"):
+            return self.hand_off(conn)
+        size = end + 4 + int(length)
+        if len(read) < size:
+            return
+        request = bytes(read[:size])
+        spool = self.app.store.spool()
+        try:
+            check_token(self.cfg, "/api/upload", headers)
+            body = RequestBody(io.BytesIO(request[end + 4:]), headers, self.cfg.max_upload)
+            job_id, options = read_upload(body, spool, self.cfg)
+        except Exception:  # the Handler answers it: with its error, or with its traceback
+            spool.discard()
+            return self.hand_off(conn)
+        del read[:size]
+        uploads.append((conn, request, Store.upload(job_id, spool, **options), body.received))
+
+    def answer(self, uploads):
+        """Commit the uploads in one transaction, answer each; one refused goes back to
+        a Handler, whose answer (409, 429, 500...) then says why."""
+        try:
+            self.app.store.add_all([upload for _, _, upload, _ in uploads])
+        except Exception as e:  # then each is answered by a Handler
+            for _, _, upload, _ in uploads:
+                upload["error"] = e
+        finally:
+            for _, _, upload, _ in uploads:
+                upload["spool"].discard()
+        accepted = sum(upload["error"] is None for _, _, upload, _ in uploads)
+        if accepted:
+            self.app.runner.uploads_accepted(accepted)
+        log, lines, date = self.app.log, [], http_date(int(time.time())).encode()
+        for conn, request, upload, received in uploads:
+            if conn.gone:
+                continue  # accepted all the same, like an upload whose client left early
+            try:
+                if upload["error"] is not None:
+                    conn.read[:0] = request
+                    self.hand_off(conn)
+                    continue
+                head, tail = job_object_parts(upload["job"])
+                body = (head + tail).encode()
+                self.send(conn, self.HEAD % (date, len(body)) + body)
+                self.app.metrics.request(201, received, len(body))
+                lines.append(log.line("http", method="POST", path="/api/upload", status=201,
+                                      ms=round((time.monotonic() - conn.since) * 1000, 1),
+                                      client=conn.address[0].removeprefix("::ffff:")))
+                conn.since = time.monotonic()
+                if conn.read and not conn.gone:
+                    self.again.append(conn)
+            except Exception:
+                log("connection error", level="error", error=traceback.format_exc())
+                self.close(conn)
+        log.write("".join(lines))  # one write for the pass
+
+    def send(self, conn, data):
+        """Send without waiting; what the socket does not take, a Handler sends."""
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.close(conn)
+        if sent < len(data):
+            self.hand_off(conn, unsent=data[sent:])
+
+    def hand_off(self, conn, unsent=b""):
+        """Give a connection to a Handler thread, with what it has read and not sent."""
+        if conn.gone:
+            return
+        self.let_go(conn)
+        conn.sock.setblocking(True)
+        self.server.handed[conn.sock] = (unsent, bytes(conn.read))
+        try:
+            self.server.process_request(conn.sock, conn.address)
+        except Exception:  # no thread to be had: the client is told by a reset
+            self.server.handed.pop(conn.sock, None)
+            self.app.log("connection error", level="error", error=traceback.format_exc())
+            conn.sock.close()
+
+    def expire(self):
+        """Hand over a request that is slow to arrive (the Handler's time-outs then
+        apply); close a connection idle for longer than the request timeout."""
+        now = self.checked = time.monotonic()
+        for key in list(self.selector.get_map().values()):
+            conn = key.data
+            if conn is None:
+                continue
+            if conn.read and now - conn.since > self.PATIENCE:
+                self.hand_off(conn)
+            elif not conn.read and now - conn.since > self.cfg.request_timeout:
+                self.app.log("http error", level="warning",
+                             message="Request timed out: an idle connection was closed")
+                self.close(conn)
+
+    def close(self, conn):
+        if not conn.gone:  # a connection handed over is the Handler's to close
+            self.let_go(conn)
+            conn.sock.close()
+
+    def let_go(self, conn):
+        conn.gone = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
 
 
 # ====================================================================================
@@ -5665,8 +6042,9 @@ def serve(cfg):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     app.runner.start()
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
-                     daemon=True).start()
+    frontend = Frontend(server)
+    loop = threading.Thread(target=frontend.run, name="http", daemon=True)
+    loop.start()
     host, port = server.server_address[:2]
     host = f"[{host}]" if ":" in host else host
     if not cfg.token and not is_loopback(cfg.host):
@@ -5679,7 +6057,8 @@ def serve(cfg):
     while not stop.wait(0.2):
         pass
     log("stopping", signal=received[0] if received else None, grace=cfg.grace)
-    server.shutdown()
+    frontend.stopping.set()
+    loop.join()  # within a pass (0.1 s), unless a commit is slow
     server.server_close()
     app.runner.stop(cfg.grace)
     app.store.close()
