@@ -18,7 +18,7 @@ import time
 
 import pytest
 from conftest import ROOT, Jobd, jobd_command, make_zip, unzip
-from helpers import alive, status, wait_status
+from helpers import alive, status, wait_status, wait_until
 from slurm_cluster import SlurmCluster, skip_reason
 from slurm_fixtures import make_slurm_cluster, slurm_cluster, slurm_session_cluster  # noqa: F401
 
@@ -71,15 +71,6 @@ def job_processes(cluster, jobd):
         if name not in ("slurmctld", "slurmd", "slurmscriptd") and session != jobd.proc.pid:
             left.append((pid, name))
     return left
-
-
-def wait_until(predicate, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 # ---- Slurm's own time limit, started first (see the module docstring) ----------------
@@ -164,8 +155,8 @@ PIDS = ("main", "bg", "nohup", "subshell")
 
 def wait_for_pids(jobd, job_id):
     job_dir = jobd.data / job_id
-    assert wait_until(lambda: all((job_dir / f"{n}.pid").exists() for n in PIDS), 20), \
-        jobd.log_text()
+    wait_until(lambda: all((job_dir / f"{n}.pid").exists() for n in PIDS), 20, interval=0.1,
+               what=f"the job's processes to write their pids; jobd's log:\n{jobd.log_text()}")
     time.sleep(0.1)  # the last echo may still be writing
     return [int((job_dir / f"{n}.pid").read_text()) for n in PIDS]
 
@@ -182,8 +173,8 @@ def test_cancel_scancels_and_no_process_survives(slurm_cluster, make_jobd):
     assert resp.json()["Message"] == "job cancelled" and resp.json()["ExitCode"] is None
     assert [pid for pid in pids if alive(pid)] == []
     assert slurm_cluster.job_info(resp.json()["SlurmID"])["JobState"] == "CANCELLED"
-    assert wait_until(lambda: job_processes(slurm_cluster, jobd) == [], 10), \
-        job_processes(slurm_cluster, jobd)
+    wait_until(lambda: job_processes(slurm_cluster, jobd) == [], 10, interval=0.1,
+               what="the job's processes to end")
     assert set(output_files(jobd, "busy")) >= {f"{n}.pid" for n in PIDS}
 
 
@@ -339,8 +330,8 @@ def test_jobs_slurm_forgot_while_jobd_was_down(make_slurm_cluster, make_jobd):
     assert jobd.stop() == 0  # a graceful stop leaves the jobs in Slurm
 
     cluster.run("scancel", slurm["killed"])
-    assert wait_until(lambda: all(cluster.job_info(n) is None for n in slurm.values()), 40,
-                      interval=0.5), "Slurm did not purge the jobs"
+    wait_until(lambda: all(cluster.job_info(n) is None for n in slurm.values()), 40,
+               interval=0.5, what="Slurm to purge the jobs")
     exit_file = jobd.data / "nofile" / ".jobd-exit-status"
     assert exit_file.read_text().split() == ["4", str(slurm["nofile"])]
     exit_file.unlink()  # as if the compute node's file never reached jobd: jobcomp remains
