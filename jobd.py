@@ -4700,11 +4700,11 @@ class Frontend:
             return False
         except OSError:
             data = b""
-        if not data and conn.read:
-            self.hand_off(conn)
-        elif not data:
-            self.close(conn)
         if not data:
+            if conn.read:
+                self.hand_off(conn)
+            else:
+                self.close(conn)
             return False
         if not conn.read:
             conn.since = time.monotonic()
@@ -4808,8 +4808,7 @@ class Frontend:
         """Give a connection to a Handler thread, with what it has read and not sent."""
         if conn.gone:
             return
-        self.let_go(conn)
-        conn.sock.setblocking(True)
+        self.let_go(conn)  # (Handler.setup gives the socket its time-out, so it blocks again)
         self.server.handed[conn.sock] = (unsent, bytes(conn.read))
         try:
             self.server.process_request(conn.sock, conn.address)

@@ -52,6 +52,15 @@ def alive(pid):
         return False
 
 
+def proc_status(pid, key):
+    """A size from /proc/PID/status (VmRSS, VmHWM...), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def wait_until(predicate, timeout, interval=0.02, what="condition"):
     """Poll `predicate` until it returns a true value (returned); AssertionError after
     `timeout` seconds. Bounded in time, and so in count."""

@@ -7,7 +7,6 @@ lost, repeated or reordered when a connection changes hands.
 """
 
 import argparse
-import base64
 import contextlib
 import io
 import json
@@ -19,30 +18,31 @@ import threading
 import time
 
 from conftest import ROOT, make_zip
-from helpers import closed_by_peer, raw_connect, read_response, wait_status, wait_until
+from helpers import (closed_by_peer, proc_status, raw_connect, read_response, upload_body,
+                     wait_status, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import jobd  # noqa: E402  (the front end, run in this process for one test)
 
-TRIVIAL = base64.b64encode(make_zip({"run.sh": "true\n"})).decode()
+TRIVIAL = make_zip({"run.sh": "true\n"})
 
 
-def upload_request(job_id, extra_headers=b"", payload=TRIVIAL):
-    body = json.dumps({"id": job_id, "input": payload}).encode()
+def upload_request(job_id, extra_headers=b"", zip_bytes=TRIVIAL):
+    body = upload_body(job_id, zip_bytes).encode()
     return (b"POST /api/upload HTTP/1.1\r\nHost: t\r\n%sContent-Length: %d\r\n\r\n%s"
             % (extra_headers, len(body), body))
 
 
 def chunked_upload_request(job_id):
-    body = json.dumps({"id": job_id, "input": TRIVIAL}).encode()
+    body = upload_body(job_id, TRIVIAL).encode()
     return (b"POST /api/upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
 
 
-def threads(server):
-    """How many threads jobd has (a connection a Handler serves has one): those of the
-    process with the most threads under the one started (the frozen jobd runs in the
-    third of three processes; jobs' processes have one thread)."""
+def jobd_process(server):
+    """(pid, threads) of jobd's own process: the one with the most threads under the
+    process started (the frozen jobd runs in the third of three processes; the jobs'
+    processes, its children, have one thread)."""
     children = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -51,13 +51,18 @@ def threads(server):
         except (OSError, ValueError):
             continue
         children.setdefault(parent, []).append(int(entry))
-    most, family = 0, [server.proc.pid]
+    best, family = (server.proc.pid, 0), [server.proc.pid]
     while family:
         pid = family.pop()
         with contextlib.suppress(OSError):
-            most = max(most, len(os.listdir(f"/proc/{pid}/task")))
+            best = max(best, (pid, len(os.listdir(f"/proc/{pid}/task"))), key=lambda b: b[1])
             family += children.get(pid, [])
-    return most
+    return best
+
+
+def threads(server):
+    """How many threads jobd has: a connection a Handler serves has one."""
+    return jobd_process(server)[1]
 
 
 def raw_answer(sock):
@@ -112,7 +117,7 @@ def test_pipelined_requests_are_answered_in_order_across_the_hand_over(jobd):
 
 def test_a_refused_upload_gets_the_handlers_error_and_the_connection_goes_on(jobd):
     with raw_connect(jobd.port) as sock:
-        sock.sendall(upload_request("bad", payload=base64.b64encode(b"not a zip").decode()))
+        sock.sendall(upload_request("bad", zip_bytes=b"not a zip"))
         status, _, body = read_response(sock)
         assert status == 400
         assert json.loads(body)["message"].startswith("input is not a readable zip file")
@@ -305,17 +310,13 @@ def test_one_clients_trouble_does_not_cost_another_its_answers(jobd):
             assert [read_response(a)[0] for _ in range(2)] == [201, 409]
 
 
-def rss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def test_a_client_pipelining_without_end_meets_backpressure(jobd):
     """40 MB of pipelined uploads, sent as fast as the socket takes them for 1.5 s: the
     server reads ahead of what it has answered by a bounded amount (the rest waits in
     the kernel, and the client is held back), so its memory does not follow the stream."""
     stream = memoryview(b"".join(upload_request(f"p{n}") for n in range(100_000)))
-    before = rss(jobd.proc.pid)
+    pid = jobd_process(jobd)[0]
+    before = proc_status(pid, "VmRSS")
     with raw_connect(jobd.port) as sock:
         sock.setblocking(False)
         sent, deadline = 0, time.monotonic() + 1.5
@@ -324,7 +325,7 @@ def test_a_client_pipelining_without_end_meets_backpressure(jobd):
                 sent += sock.send(stream[sent:sent + 1 << 20])
             except BlockingIOError:
                 time.sleep(0.01)
-        grown = rss(jobd.proc.pid) - before
+        grown = proc_status(pid, "VmRSS") - before
     assert sent < len(stream) // 2, f"the server took {sent} bytes without answering them"
     assert grown < 30_000_000, grown
     assert jobd.request("GET", "/api/jobs/p0").status == 200
@@ -341,12 +342,12 @@ def test_an_input_too_big_for_the_loop_to_check_is_checked_by_a_handler(make_job
         sock.sendall(upload_request("small"))
         assert read_response(sock)[0] == 201
         assert threads(server) == before
-        sock.sendall(upload_request("big", payload=base64.b64encode(zeros).decode()))
+        sock.sendall(upload_request("big", zip_bytes=zeros))
         status, _, body = read_response(sock)
         assert status == 201 and json.loads(body)["ID"] == "big"
         assert threads(server) == before + 1
-        sock.sendall(upload_request("bigger", payload=base64.b64encode(
-            make_zip({"run.sh": "true\n", "zeros": bytes(7 << 20)})).decode()))
+        sock.sendall(upload_request("bigger", zip_bytes=make_zip(
+            {"run.sh": "true\n", "zeros": bytes(7 << 20)})))
         status, _, body = read_response(sock)
         assert status == 400 and "JOBD_MAX_UNPACKED" in json.loads(body)["message"]
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JOB_KEYS, JSON_TYPE, RFC3339_UTC, assert_go_error, assert_nothing_stored,
-                     gate_script, raw_connect, raw_zip, shared_server, store_state,
+                     gate_script, proc_status, raw_connect, raw_zip, shared_server, store_state,
                      upload_body, zip_entry)
 
 
@@ -564,14 +564,6 @@ def test_get_ignores_a_query_string_and_decodes_the_path(jobd):
 # ==================================================================================
 # Improvements beyond the wire: memory, environment, logging
 # ==================================================================================
-
-def proc_status(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
 
 def test_serving_a_large_output_does_not_grow_memory(jobd):
     # Go held the whole output in memory, several times (4.5 GB of RSS for 200 MB).
