@@ -7,7 +7,6 @@ lost, repeated or reordered when a connection changes hands.
 """
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -18,8 +17,8 @@ import threading
 import time
 
 from conftest import ROOT, make_zip
-from helpers import (closed_by_peer, proc_status, raw_connect, read_response, upload_body,
-                     wait_status, wait_until)
+from helpers import (closed_by_peer, jobd_process, proc_status, raw_connect, read_response,
+                     upload_body, wait_status, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import jobd  # noqa: E402  (the front end, run in this process for one test)
@@ -37,27 +36,6 @@ def chunked_upload_request(job_id):
     body = upload_body(job_id, TRIVIAL).encode()
     return (b"POST /api/upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-
-
-def jobd_process(server):
-    """(pid, threads) of jobd's own process: the one with the most threads under the
-    process started (the frozen jobd runs in the third of three processes; the jobs'
-    processes, its children, have one thread)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    best, family = (server.proc.pid, 0), [server.proc.pid]
-    while family:
-        pid = family.pop()
-        with contextlib.suppress(OSError):
-            best = max(best, (pid, len(os.listdir(f"/proc/{pid}/task"))), key=lambda b: b[1])
-            family += children.get(pid, [])
-    return best
 
 
 def threads(server):

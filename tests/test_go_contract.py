@@ -21,8 +21,8 @@ import pytest
 
 from conftest import IMPLEMENTATIONS, jobd_command, make_zip, unzip
 from helpers import (JOB_KEYS, JSON_TYPE, RFC3339_UTC, assert_go_error, assert_nothing_stored,
-                     gate_script, proc_status, raw_connect, raw_zip, shared_server, store_state,
-                     upload_body, zip_entry)
+                     gate_script, jobd_process, proc_status, raw_connect, raw_zip, shared_server,
+                     store_state, upload_body, zip_entry)
 
 
 @pytest.fixture(scope="module", params=IMPLEMENTATIONS)
@@ -574,7 +574,7 @@ def test_serving_a_large_output_does_not_grow_memory(jobd):
     while jobd.request("HEAD", "/api/get/bigout").status != 200:
         assert time.monotonic() < deadline, "the large job did not finish"
         time.sleep(0.1)
-    pid = jobd.proc.pid
+    pid = jobd_process(jobd)[0]  # (the frozen jobd's own process, not its loaders)
     before = proc_status(pid, "VmRSS")
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -600,7 +600,7 @@ def test_receiving_a_large_upload_does_not_grow_memory(jobd):
     blob = os.urandom(40 << 20)
     body = upload_body("bigin", make_zip({"run.sh": "true\n", "blob": blob},
                                          compression=zipfile.ZIP_STORED)).encode()
-    pid = jobd.proc.pid
+    pid = jobd_process(jobd)[0]  # (the frozen jobd's own process, not its loaders)
     before = proc_status(pid, "VmRSS")
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
