@@ -8,7 +8,6 @@ reusing the test fixture's Jobd class. `--only NAME` runs one measurement.
 
 import argparse
 import base64
-import datetime
 import http.client
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, Jobd, make_zip  # noqa: E402
-from helpers import wait_status  # noqa: E402
+from helpers import epoch, wait_status  # noqa: E402
 
 MB = 1_000_000
 
@@ -148,12 +147,6 @@ def latency(workdir, runs=30, args=(), env=None):
     finally:
         server.stop()
     return statistics.median(times)
-
-
-def epoch(rfc3339):
-    """Seconds since the epoch of jobd's UTC timestamps (2026-11-29T05:45:34.406774Z)."""
-    moment = datetime.datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ")
-    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def burst(workdir, jobs=200, repeats=7, args=(), env=None):

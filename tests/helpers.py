@@ -6,6 +6,7 @@ real jobd left on disk.
 
 import base64
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -318,3 +319,9 @@ def zeros_deflated(mebibytes):
     for _ in range(mebibytes):
         crc = zlib.crc32(zeros, crc)
     return block * mebibytes + tail, crc
+
+
+def epoch(rfc3339):
+    """Seconds since the epoch of jobd's UTC timestamps (2026-11-29T05:45:34.406774Z)."""
+    moment = datetime.datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()

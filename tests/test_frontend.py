@@ -17,7 +17,7 @@ import threading
 import time
 
 from conftest import ROOT, make_zip
-from helpers import (closed_by_peer, jobd_process, proc_status, raw_connect, read_response,
+from helpers import (closed_by_peer, epoch, jobd_process, proc_status, raw_connect, read_response,
                      upload_body, wait_status, wait_until)
 
 sys.path.insert(0, str(ROOT))
@@ -330,13 +330,17 @@ def test_an_input_too_big_for_the_loop_to_check_is_checked_by_a_handler(make_job
         assert status == 400 and "JOBD_MAX_UNPACKED" in json.loads(body)["message"]
 
 
-def test_jobs_still_start_during_a_flood_of_uploads(jobd):
-    """Workers give way to a flood of uploads, but only for a while (50 ms a job): with
-    1,000 uploads pouring in from 8 clients, jobs keep starting before the flood ends
-    (2 workers: 40 a second at least), and every job runs."""
-    socks = [raw_connect(jobd.port) for _ in range(8)]
+def test_jobs_still_start_during_a_flood_of_uploads(make_jobd):
+    """Workers give way to a flood of uploads, but only for a while (GIVE_WAY a job):
+    with 2,400 uploads pouring in from 8 clients, each worker keeps starting jobs until
+    the flood ends, about one every GIVE_WAY (plus the time a job takes), and every job
+    runs. (Workers that waited for the whole flood would start jobs only in its first
+    tens of milliseconds, before the loop had counted enough uploads to call it a flood.)"""
+    workers = 2
+    server = make_jobd(["--workers", str(workers)])
+    socks = [raw_connect(server.port) for _ in range(8)]
     try:
-        for round_ in range(125):
+        for round_ in range(300):
             for n, sock in enumerate(socks):
                 sock.sendall(upload_request(f"f{round_}-{n}"))
             for sock in socks:
@@ -344,12 +348,21 @@ def test_jobs_still_start_during_a_flood_of_uploads(jobd):
     finally:
         for sock in socks:
             sock.close()
-    last = jobd.request("GET", "/api/jobs/f124-7").json()["CreatedAt"]
-    wait_status(jobd, "f124-7", "SUCCESS", timeout=60)
-    done = jobd.request("GET", "/api/jobs?status=SUCCESS&limit=1000").json()["Jobs"]
-    assert len(done) == 1000
-    during = [job for job in done if job["StartedAt"] < last]  # RFC 3339 UTC: text order
-    assert len(during) >= 8, f"{len(during)} jobs started during the flood"
+    first = server.request("GET", "/api/jobs/f0-0").json()["CreatedAt"]
+    last = server.request("GET", "/api/jobs/f299-7").json()["CreatedAt"]
+    wait_until(lambda: not server.request(
+        "GET", "/api/jobs?status=QUEUED,RUNNING&limit=1").json()["Jobs"], timeout=60,
+        interval=0.2, what="every job to end")
+    done, cursor = [], ""
+    while cursor is not None:  # pages of 1,000 at most
+        page = server.request("GET", f"/api/jobs?status=SUCCESS&limit=1000&cursor={cursor}").json()
+        done, cursor = done + page["Jobs"], page["Next"]
+    assert len(done) == 2400
+    start, end = epoch(first), epoch(last)
+    late = [job for job in done if (start + end) / 2 <= epoch(job["StartedAt"]) < end]
+    least = workers * int((end - start) / 2 / (jobd.Runner.GIVE_WAY + 0.1))
+    assert len(late) >= max(least, 1), \
+        f"{len(late)} jobs started in the second half of a {end - start:.2f} s flood"
 
 
 def test_many_connections_uploading_cost_no_threads(jobd):
