@@ -16,7 +16,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY Makefile build.spec requirements-build.txt jobd.py ./
 COPY packaging/ packaging/
-COPY ci/install-build-deps.sh ci/
+COPY ci/install-build-deps.sh ci/apt-install.sh ci/
 # Timestamps inside the binary (no git in the builder); pass the commit time for a release.
 ARG SOURCE_DATE_EPOCH=315532800
 # Only needed where HTTPS to the package index goes through a custom CA.

@@ -18,8 +18,8 @@ say() { printf '[image-test %5.1fs] %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" 
 missing=()
 for tool in buildah podman runc debootstrap bc; do command -v $tool >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
-    say "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    say "installing ${missing[*]}"
+    bash ci/apt-install.sh --recommends "${missing[@]}"
 fi
 
 # --- private container storage and settings (see shared notes: containers.md) ---

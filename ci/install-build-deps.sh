@@ -14,10 +14,4 @@ command -v patch >/dev/null || need+=(patch)
 command -v gcc >/dev/null || need+=(gcc)
 [ -f /usr/include/nss.h ] || need+=(libc6-dev)
 [ ${#need[@]} -eq 0 ] && exit 0
-if [ "$(id -u)" -ne 0 ]; then
-    echo "missing build tools: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+exec bash "$(dirname "$0")/apt-install.sh" "${need[@]}"

@@ -12,9 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$packages" ]; then
     echo "$dir"; exit 0
 fi
 [ "$(id -u)" -eq 0 ] || { echo "make-rootfs: must run as root" >&2; exit 1; }
-if ! command -v debootstrap >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
-fi
+command -v debootstrap >/dev/null || bash "$repo/ci/apt-install.sh" debootstrap
 mirror=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null \
     | grep -v security | head -n1)}
 [ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)

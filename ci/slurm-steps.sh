@@ -30,31 +30,8 @@ have_slurm() {
 if have_slurm; then
     echo "slurm-steps: Slurm already installed"
 else
-    export DEBIAN_FRONTEND=noninteractive
-    # 101 = "do not start services from maintainer scripts" (containers have no init).
-    policy=/usr/sbin/policy-rc.d
-    made_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy"
-        chmod +x "$policy"
-        made_policy=1
-    fi
-    trap '[ "$made_policy" = 1 ] && rm -f "$policy"' EXIT
-    ok=0
-    for attempt in 1 2 3; do
-        if timeout 300 apt-get update -qq &&
-           timeout 600 apt-get install -y -qq --no-install-recommends \
-               slurmctld slurmd slurm-client; then
-            ok=1
-            break
-        fi
-        echo "slurm-steps: apt attempt $attempt failed; retrying in 5 s" >&2
-        sleep 5
-    done
-    if [ "$ok" != 1 ] || ! have_slurm; then
-        echo "slurm-steps: could not install Slurm" >&2
-        exit 1
-    fi
+    bash "$here/apt-install.sh" slurmctld slurmd slurm-client
+    have_slurm || { echo "slurm-steps: could not install Slurm" >&2; exit 1; }
 fi
 echo "slurm-steps: $(slurmctld -V)"
 

@@ -9,13 +9,5 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "test-deps: not root: the root-only tests (root filesystems, Slurm) will be skipped"
     exit 0
 fi
-export DEBIAN_FRONTEND=noninteractive
-need=()
-for pkg in busybox-static debootstrap; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+bash ci/apt-install.sh busybox-static debootstrap
 bash ci/slurm-steps.sh
