@@ -49,7 +49,7 @@ clean:
 #                    staticx built from source with our patch
 # make build         dist/jobd: one static executable (PyInstaller + staticx)
 # make dist          dist/jobd_<version>_linux_amd64.tar.gz + .sha256 (reproducible)
-# make dist-check    build the tarball twice from scratch and compare the bytes
+# make dist-check    the tarball of the build at hand and of one from scratch: same bytes
 # make image-test    Dockerfile + examples/Dockerfile.copy-from, offline (buildah/podman, root)
 # make bench-binary  size, start-up and idle RSS of dist/jobd (tests/measure_binary.py)
 # make rootfs-test   the root-filesystem matrix (tests/test_rootfs.py, root)
@@ -94,11 +94,14 @@ $(VENV_STAMP): requirements-build.txt packaging/staticx-jobd.patch
 	    sys.exit(0 if all(os.path.exists(os.path.join(d, f)) for f in ('bootloader', 'libnssfix.so')) else 'staticx build incomplete (no bootloader or libnssfix.so in ' + d + '): need musl-gcc, gcc, libc6-dev')"
 	touch $@
 
-# Rebuild when JOBD_SOURCE names another file, not only when the file changes.
+# Rebuild when a setting the binary's bytes depend on changes, not only its files: the
+# source named by JOBD_SOURCE, SOURCE_DATE_EPOCH (a new commit, even of docs alone) and
+# STATICX_STORE. (dist-check compares the build at hand with one from scratch.)
 SOURCE_STAMP := build/.jobd-source
+BUILD_SETTINGS = $(abspath $(JOBD_SOURCE)) $(SOURCE_DATE_EPOCH) $(STATICX_STORE)
 $(SOURCE_STAMP): FORCE
 	@mkdir -p build
-	@echo "$(abspath $(JOBD_SOURCE))" | cmp -s - $@ || echo "$(abspath $(JOBD_SOURCE))" > $@
+	@echo "$(BUILD_SETTINGS)" | cmp -s - $@ || echo "$(BUILD_SETTINGS)" > $@
 FORCE:
 
 # PyInstaller one-file build, then staticx bundles the loader, libc, libz, ... into it.

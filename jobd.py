@@ -1746,22 +1746,23 @@ class Runner:
             # held for a while: one slow pass in a flood would otherwise let every
             # waiting worker in at once
             self.flood_until = now + self.FLOOD_HOLD
-        self.notify()
+        self.notify(count)
 
     def give_way(self):
         """During a flood of uploads, wait (GIVE_WAY at most) before claiming a job. Jobs
-        of real length do not notice; trivial ones start at 1/GIVE_WAY a second per worker
-        or more until the flood has passed, and at full speed after."""
+        of real length do not notice; trivial ones start at nearly 1/GIVE_WAY a second per
+        worker until the flood has passed, and at full speed after."""
         deadline = time.monotonic() + self.GIVE_WAY
         while True:
             wait = min(self.flood_until, deadline) - time.monotonic()
             if wait <= 0 or self.stopping.wait(wait):
                 return
 
-    def notify(self):
+    def notify(self, jobs=1):
+        """Wake a worker for each of `jobs` new jobs (those idle, that is)."""
         with self.wakeup:
             self.generation += 1
-            self.wakeup.notify()
+            self.wakeup.notify(jobs)
         if self.slurml:
             self.slurml.wakeup.set()
 
@@ -1791,6 +1792,8 @@ class Runner:
             self.give_way()
             try:
                 with self.lock:
+                    if self.stopping.is_set():  # (stop() lists the running jobs under this lock)
+                        break
                     job = self.store.claim_next()
                     if job is not None:
                         self.active[job["id"]] = ActiveJob(job["id"])

@@ -35,6 +35,7 @@ for attempt in 1 2 3; do
         exit 0
     fi
     echo "apt-install: attempt $attempt failed; retrying in 5 s" >&2
+    dpkg --configure -a >/dev/null 2>&1 || true   # an install cut short leaves dpkg half-done
     sleep 5
 done
 echo "apt-install: could not install ${need[*]}" >&2

@@ -7,6 +7,7 @@ lost, repeated or reordered when a connection changes hands.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -17,8 +18,8 @@ import threading
 import time
 
 from conftest import ROOT, make_zip
-from helpers import (closed_by_peer, epoch, jobd_process, proc_status, raw_connect, read_response,
-                     upload_body, wait_status, wait_until)
+from helpers import (closed_by_peer, epoch, gate_script, jobd_process, job_rows, proc_status,
+                     raw_connect, read_response, upload_body, wait_status, wait_until)
 
 sys.path.insert(0, str(ROOT))
 import jobd  # noqa: E402  (the front end, run in this process for one test)
@@ -359,10 +360,71 @@ def test_jobs_still_start_during_a_flood_of_uploads(make_jobd):
         done, cursor = done + page["Jobs"], page["Next"]
     assert len(done) == 2400
     start, end = epoch(first), epoch(last)
+    assert 2400 / (end - start) >= jobd.Runner.FLOOD_RATE, "too slow to make a flood"
     late = [job for job in done if (start + end) / 2 <= epoch(job["StartedAt"]) < end]
-    least = workers * int((end - start) / 2 / (jobd.Runner.GIVE_WAY + 0.1))
+    # a worker starts one job every GIVE_WAY and that job's own time (0.2 s here at most)
+    least = workers * int((end - start) / 2 / (jobd.Runner.GIVE_WAY + 0.2))
     assert len(late) >= max(least, 1), \
         f"{len(late)} jobs started in the second half of a {end - start:.2f} s flood"
+
+
+def test_a_stop_during_a_flood_starts_no_job_it_cannot_stop(make_jobd, tmp_path):
+    """SIGTERM while uploads pour in: the workers are waiting for the flood to pass.
+    Woken by the stop, they must not claim a job after the stop has listed the running
+    ones (such a job gets no TERM: jobd then waits for it past the grace period and
+    exits with it RUNNING). Jobs started once `marker` exists run until stopped."""
+    marker = tmp_path / "marker"
+    server = make_jobd(["--workers", "2", "--grace", "1"])
+    script = make_zip({"run.sh": f'if [ -e "{marker}" ]; then sleep 30; fi\n'})
+    sent = threading.Event()
+
+    def flood(n):
+        with raw_connect(server.port, timeout=3) as sock, contextlib.suppress(OSError):
+            for i in range(10000):  # until jobd stops answering
+                sock.sendall(upload_request(f"s{n}-{i}", zip_bytes=script))
+                if read_response(sock, timeout=3)[0] != 201:
+                    return
+                sent.set()
+
+    clients = [threading.Thread(target=flood, args=(n,), daemon=True) for n in range(8)]
+    for client in clients:
+        client.start()
+    assert sent.wait(10)
+    time.sleep(0.5)  # the flood is on
+    marker.touch()
+    started = time.monotonic()
+    assert server.stop(timeout=30) == 0
+    assert time.monotonic() - started < 1 + 3, "jobd waited for a job it did not stop"
+    rows = job_rows(server.db)
+    assert "RUNNING" not in rows.values(), [job for job, status in rows.items()
+                                            if status == "RUNNING"]
+    for client in clients:
+        client.join(10)
+
+
+def test_jobs_accepted_in_one_pass_each_wake_an_idle_worker(make_jobd, tmp_path):
+    """Three uploads arriving together are committed in one pass; each of the three idle
+    workers must start one at once. (One wake-up for the pass left the other two jobs
+    waiting for a worker's 5 s look-around.)"""
+    server = make_jobd(["--workers", "3"])
+    gate = tmp_path / "gate"
+    requests = [upload_request(f"w{n}", zip_bytes=make_zip({"run.sh": gate_script(gate)}))
+                for n in range(3)]
+    socks = [raw_connect(server.port) for _ in requests]
+    try:
+        for sock, request in zip(socks, requests):
+            sock.sendall(request)
+        assert [read_response(sock)[0] for sock in socks] == [201] * 3
+        started = time.monotonic()
+        wait_until(lambda: all(server.request("GET", f"/api/jobs/w{n}").json()["Status"]
+                               == "RUNNING" for n in range(3)), timeout=10, what="3 jobs running")
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in socks:
+            sock.close()
+        gate.touch()
+    for n in range(3):
+        wait_status(server, f"w{n}", "SUCCESS")
 
 
 def test_many_connections_uploading_cost_no_threads(jobd):
