@@ -237,6 +237,7 @@ class SlurmCluster:
                 del self.env[var]
         self._procs = {}
         self._stopped = True
+        self.baseline = 0  # Slurm ids up to this one are earlier tests' (mark_ids())
 
     # ---- config
 
@@ -431,6 +432,12 @@ class SlurmCluster:
         self.stop()
 
     # ---- clients
+
+    def mark_ids(self):
+        """Remember the highest Slurm id so far (baseline): a session's cluster serves
+        many tests, and their job names can repeat."""
+        out = self.run("squeue", "-h", "-t", "all", "-O", "JobID").stdout.split()
+        self.baseline = max((int(number) for number in out if number.isdigit()), default=0)
 
     def run(self, *argv, check=True, timeout=CALL_TIMEOUT, env=None, cwd=None, input=None):
         """Run a Slurm client with this cluster's environment; CompletedProcess (text)."""

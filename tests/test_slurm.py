@@ -29,8 +29,7 @@ def slurm_jobd(make_jobd, cluster, *args, env=None):
     """A jobd that runs its jobs through `cluster`. Slurm ids up to now belong to earlier
     tests (the session's cluster also serves this test run against the other
     implementation, with the same job ids): slurm_ids_named() ignores them."""
-    out = cluster.run("squeue", "-h", "-t", "all", "-O", "JobID").stdout.split()
-    cluster.baseline = max((int(number) for number in out if number.isdigit()), default=0)
+    cluster.mark_ids()
     return make_jobd(args=["--executor", "slurm", "--slurm-poll", POLL, *args],
                      env={**cluster.env, **(env or {})})
 
@@ -52,7 +51,7 @@ def slurm_ids_named(cluster, job_id):
     out = cluster.run("squeue", "-h", "-t", "all", "-O", "JobID:|,Name:").stdout
     return sorted(int(number) for number, name in (line.split("|", 1) for line in out.splitlines())
                   if name.strip().rsplit("-", 1)[0] == f"jobd-{job_id}"
-                  and int(number) > getattr(cluster, "baseline", 0))
+                  and int(number) > cluster.baseline)
 
 
 def job_processes(cluster, jobd):
