@@ -1712,7 +1712,7 @@ class Runner:
 
     FLOOD_RATE = 1000  # uploads a second that make a flood...
     FLOOD = 0.02       # ...counted over this many seconds
-    FLOOD_HOLD = 0.1   # a flood has passed when no count reached the rate for this long
+    FLOOD_HOLD = 0.05  # a flood has passed when no count reached the rate for this long
     GIVE_WAY = 0.2     # the longest a worker waits for a flood to pass before a claim
 
     # -- start, notify, stop ----------------------------------------------------------
@@ -1743,8 +1743,8 @@ class Runner:
             self.window_start, self.window_count = now, 0
         self.window_count += count
         if self.window_count >= self.FLOOD_RATE * self.FLOOD:
-            # held for a while: one slow pass in a flood would otherwise let every
-            # waiting worker in at once
+            # held past the next count (20-40 ms away): a slow pass would otherwise let
+            # every waiting worker in; and not much longer, or a burst's jobs would wait
             self.flood_until = now + self.FLOOD_HOLD
         self.notify(count)
 
