@@ -1759,7 +1759,7 @@ class Runner:
                 return
 
     def notify(self, jobs=1):
-        """Wake a worker for each of `jobs` new jobs (those idle, that is)."""
+        """Wake an idle worker for each of `jobs` new jobs."""
         with self.wakeup:
             self.generation += 1
             self.wakeup.notify(jobs)
@@ -3849,7 +3849,7 @@ def read_upload(body, spool, cfg):
                          "has none: set SLURML_API_URL and SLURML_API_TOKEN")
     options = job_options(cfg, fields.get("timeout"), fields.get("callback"),
                           fields.get("slurm"), slurml=bool(slurml))
-    check_input_zip(spool.file, cfg)  # (the front end loop's hottest call)
+    check_input_zip(spool.file, cfg)
     return job_id, dict(options, slurml=bool(slurml))
 
 
@@ -4185,7 +4185,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not chunk:
                     break
                 spool.write(chunk)
-            check_input_zip(spool, app.cfg)
+            check_input_zip(spool.file, app.cfg)
             job = app.store.add(job_id, spool, **options)
         finally:
             spool.discard()
@@ -4366,7 +4366,7 @@ class Handler(BaseHTTPRequestHandler):
             if problem is None:
                 write_result_zip(staging, spool)
                 try:
-                    check_input_zip(spool, app.cfg)
+                    check_input_zip(spool.file, app.cfg)
                 except BadRequest as e:
                     problem = e.message
             if problem is None:

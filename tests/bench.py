@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, Jobd, make_zip  # noqa: E402
-from helpers import epoch, wait_status  # noqa: E402
+from helpers import epoch, proc_status, wait_status  # noqa: E402
 
 MB = 1_000_000
 
@@ -41,11 +41,7 @@ def peak_rss_reset(pid):
 
 
 def peak_rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / MB
-    raise RuntimeError("no VmHWM")
+    return proc_status(pid, "VmHWM") / MB
 
 
 def raw_request(port, head, body_file=None):

@@ -54,24 +54,29 @@ def alive(pid):
         return False
 
 
+def process_tree(pid):
+    """pid and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir("/proc/%d/task" % current):
+                with open("/proc/%d/task/%s/children" % (current, task)) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
 def jobd_process(server):
     """(pid, threads) of jobd's own process: the one with the most threads under the
     process started (the frozen jobd runs in the third of three processes; the jobs'
     processes, its children, have one thread)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    best, family = (server.proc.pid, 0), [server.proc.pid]
-    while family:
-        pid = family.pop()
+    best = (server.proc.pid, 0)
+    for pid in process_tree(server.proc.pid):
         with contextlib.suppress(OSError):
             best = max(best, (pid, len(os.listdir(f"/proc/{pid}/task"))), key=lambda b: b[1])
-            family += children.get(pid, [])
     return best
 
 

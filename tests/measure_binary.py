@@ -18,6 +18,8 @@ import time
 import urllib.error
 import urllib.request
 
+from helpers import process_tree
+
 TARGETS = {"size": 8_000_000, "startup": 0.4, "rss": 30_000_000}
 START_TIMEOUT = 15.0
 
@@ -36,21 +38,6 @@ def answered(url):
     except OSError:
         return False
     return True
-
-
-def process_tree(pid):
-    """pid and all its descendants."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        try:
-            for task in os.listdir("/proc/%d/task" % current):
-                with open("/proc/%d/task/%s/children" % (current, task)) as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return pids
 
 
 def memory(pids):
