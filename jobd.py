@@ -635,7 +635,7 @@ def compression_for(path, size):
     """Deflate like Go, but store data that does not compress (deflating it only costs time)."""
     if size < MiB:
         return zipfile.ZIP_DEFLATED, 6
-    with open(path, "rb") as f:  # samples at the start, the middle and the end
+    with open(open_job_file(path), "rb") as f:  # samples at its start, middle and end
         samples = [os.pread(f.fileno(), 128 * KiB, offset)
                    for offset in (0, size // 2, max(0, size - 128 * KiB))]
     if all(len(zlib.compress(sample, 1)) > 0.95 * len(sample) for sample in samples):
@@ -644,30 +644,115 @@ def compression_for(path, size):
 
 
 def write_result_zip(job_dir, dest, leave_out=()):
-    """Zip the whole job directory into dest (a path or a Spool), streaming file by file.
+    """Zip the whole job directory into dest (a Spool), streaming file by file.
 
     Symbolic links are left out: following them could pack files from outside the job;
-    so are the top-level files named in `leave_out` (jobd's own).
+    so are the top-level files named in `leave_out` (jobd's own). A result of a few small
+    files, like most jobs', is built in one piece instead (small_zip).
     """
+    entries = result_entries(job_dir, leave_out)
+    first = list(itertools.islice(entries, SMALL_ZIP_ENTRIES + 1))
+    size = sum(st.st_size for _, _, st in first if stat.S_ISREG(st.st_mode))
+    if len(first) <= SMALL_ZIP_ENTRIES and size <= SMALL_ZIP:
+        dest.write(small_zip(first))
+        return
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, allowZip64=True,
                          strict_timestamps=False) as zf:
-        for root, folders, files in os.walk(job_dir):
-            folders[:] = sorted(d for d in folders if not os.path.islink(os.path.join(root, d)))
-            relative = zip_name(os.path.relpath(root, job_dir))
-            if relative != ".":
-                zf.write(root, relative + "/")
-            for name in sorted(files):
-                if relative == "." and name in leave_out:
-                    continue
-                path = os.path.join(root, name)
-                try:
-                    st = os.lstat(path)
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    add_file(zf, path, zip_name(name if relative == "." else f"{relative}/{name}"),
-                             st.st_size)
-                except OSError:
-                    continue  # unreadable or vanished: the rest of the results still count
+        for path, name, st in itertools.chain(first, entries):
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    zf.write(path, name)
+                else:
+                    add_file(zf, path, name, st.st_size)
+            except (OSError, OverflowError):  # unreadable, vanished, or a time out of range
+                continue  # the rest of the results still count
+
+
+def result_entries(job_dir, leave_out):
+    """(path, name in the zip, lstat) of each folder and regular file in job_dir, in order."""
+    for root, folders, files in os.walk(job_dir):
+        folders[:] = sorted(d for d in folders if not os.path.islink(os.path.join(root, d)))
+        relative = zip_name(os.path.relpath(root, job_dir))
+        if relative != ".":
+            try:
+                st = os.lstat(root)
+            except OSError:
+                pass
+            else:
+                yield root, relative + "/", st
+        for name in sorted(files):
+            if relative == "." and name in leave_out:
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield path, zip_name(name if relative == "." else f"{relative}/{name}"), st
+
+
+# At most this much, in this many files and folders, is zipped in one piece: well below
+# the 1 MiB under which compression_for() always deflates.
+SMALL_ZIP, SMALL_ZIP_ENTRIES = 64 * KiB, 64
+LOCAL_HEADER, CENTRAL_HEADER, END_RECORD = "<4s2B4HL2L2H", "<4s4B4HL2L5H2L", "<4s4H2LH"
+ZIP_VERSION, MADE_ON_UNIX, UTF8_NAME = 20, 3, 0x800  # version 2.0 is deflate's
+
+
+def small_zip(entries):
+    """The zip of a few small files and folders, built in memory: byte for byte what
+    zipfile writes, without its costly machinery per entry (see README, Performance)."""
+    body, central, count = bytearray(), bytearray(), 0
+    for path, name, st in entries:
+        folder = stat.S_ISDIR(st.st_mode)
+        try:
+            dos_time, dos_date = dos_timestamp(st.st_mtime)
+            data = b""
+            if st.st_size and not folder:
+                with open(open_job_file(path), "rb", buffering=0) as f:
+                    data = f.read(st.st_size)
+        except (OSError, OverflowError):  # as in write_result_zip: the rest still counts
+            continue
+        if folder:
+            method, packed, attr = zipfile.ZIP_STORED, b"", (st.st_mode & 0xFFFF) << 16 | 0x10
+        else:
+            deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+            method, packed = zipfile.ZIP_DEFLATED, deflate.compress(data) + deflate.flush()
+            attr = (st.st_mode & 0xFFFF) << 16
+        try:
+            encoded, flags = name.encode("ascii"), 0
+        except UnicodeEncodeError:
+            encoded, flags = name.encode("utf-8"), UTF8_NAME
+        crc = zlib.crc32(data)
+        central += struct.pack(CENTRAL_HEADER, b"PK\1\2", ZIP_VERSION, MADE_ON_UNIX, ZIP_VERSION,
+                               0, flags, method, dos_time, dos_date, crc, len(packed), len(data),
+                               len(encoded), 0, 0, 0, 0, attr, len(body))
+        central += encoded
+        body += struct.pack(LOCAL_HEADER, b"PK\3\4", ZIP_VERSION, 0, flags, method, dos_time,
+                            dos_date, crc, len(packed), len(data), len(encoded), 0)
+        body += encoded
+        body += packed
+        count += 1
+    end = struct.pack(END_RECORD, b"PK\5\6", 0, 0, count, count, len(central), len(body), 0)
+    return bytes(body + central + end)
+
+
+def dos_timestamp(mtime):
+    """A file time as a zip holds it (local time, 2 s steps, 1980 to 2107), as zipfile
+    writes it with strict_timestamps=False."""
+    year, month, day, hour, minute, second = time.localtime(mtime)[:6]
+    if year < 1980:
+        year, month, day, hour, minute, second = 1980, 1, 1, 0, 0, 0
+    elif year > 2107:
+        year, month, day, hour, minute, second = 2107, 12, 31, 23, 59, 59
+    return hour << 11 | minute << 5 | second // 2, (year - 1980) << 9 | month << 5 | day
+
+
+def open_job_file(path):
+    """Open a file of a job's to read it into the result. Should it have been replaced
+    since it was listed (a process of the job's may outlive it by a second), neither
+    follow a link nor wait for a writer of a pipe."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
 def add_file(zf, path, arcname, size):
@@ -678,7 +763,7 @@ def add_file(zf, path, arcname, size):
     # the level travels in the ZipInfo; its attribute is public since 3.13
     setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel",
             level)
-    with open(path, "rb") as src, zf.open(info, "w") as dst:
+    with open(open_job_file(path), "rb") as src, zf.open(info, "w") as dst:
         shutil.copyfileobj(src, dst, min(CHUNK, size + 1))
 
 

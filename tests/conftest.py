@@ -99,28 +99,44 @@ class Jobd:
 
     # -- process ----------------------------------------------------------------------
 
-    def start(self, timeout=15):
-        argv = self.command + ["--host", "127.0.0.1", "--port", "0", "--db", str(self.db),
+    def argv(self):
+        """The command that starts it."""
+        return self.command + ["--host", "127.0.0.1", "--port", "0", "--db", str(self.db),
                                "--data", str(self.data)] + self.args
-        self.lines = []
-        self._listening.clear()
-        self.proc = subprocess.Popen(argv, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
-        if not self._listening.wait(timeout):
+
+    def start(self, timeout=15):
+        """Launch it and wait until it listens."""
+        self.launch()
+        if not self.wait_listening(timeout):
             self.kill()
             raise AssertionError("jobd did not start:\n" + self.log_text())
         return self
 
-    def _read_log(self, proc):
+    def launch(self):
+        """Start the process; a thread reads its log into self.lines and finds its port."""
+        self.lines, self.port, self._listening = [], None, threading.Event()
+        self.proc = subprocess.Popen(self.argv(), cwd=self.workdir, env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        threading.Thread(target=self._read_log, args=(self.proc, self.lines, self._listening),
+                         daemon=True).start()
+
+    def wait_listening(self, timeout):
+        """The port, once jobd listens; None if it exits first or takes longer."""
+        self._listening.wait(timeout)
+        return self.port
+
+    def _read_log(self, proc, lines, listening):
+        # Each launch has its own list and event: the log of a killed jobd (the frozen one
+        # is two processes) may end only after the next launch has begun.
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            self.lines.append(line)
+            lines.append(line)
             match = re.search(r"listening on http://\S*?:(\d+)", line)
-            if match and not self._listening.is_set():
+            if match and not listening.is_set():
                 self.port = int(match.group(1))
-                self._listening.set()
+                listening.set()
+        listening.set()  # the end of the log: jobd has exited
 
     def log_text(self):
         return "\n".join(self.lines[-200:])

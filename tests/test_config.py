@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 
 import pytest
 
@@ -21,17 +20,8 @@ class BareJobd(Jobd):
     """A jobd started with exactly the given arguments (the fixture's always pins
     --host, --port, --db and --data)."""
 
-    def start(self, timeout=15):
-        self.lines = []
-        self._listening.clear()
-        self.proc = subprocess.Popen(self.command + self.args, cwd=self.workdir, env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
-        if not self._listening.wait(timeout):
-            self.kill()
-            raise AssertionError("jobd did not start:\n" + self.log_text())
-        return self
+    def argv(self):
+        return self.command + self.args
 
 
 @pytest.fixture

@@ -10,8 +10,11 @@ import http.client
 import io
 import json
 import os
+import pathlib
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -381,6 +384,64 @@ def test_only_big_files_that_do_not_compress_anywhere_are_stored(jobd):
         assert zf.getinfo("half.bin").compress_type == zipfile.ZIP_DEFLATED
         assert zf.getinfo("run.sh").compress_type == zipfile.ZIP_DEFLATED
         assert zf.testzip() is None
+
+
+@pytest.mark.parametrize("script", [
+    "true\n",
+    "mkdir -p a/b empty/deeper; printf x > a/b/c.txt; chmod 600 a/b/c.txt\n"
+    "printf u > 'a/\u00fc \u00f1.txt'; printf b > \"$(printf 'bad\\377')\"\n"
+    "touch -t 197001020304 old.txt; ln -s run.sh link; echo out; echo err >&2\n",
+    "for i in $(seq 100); do echo $i > f$i.txt; done\n",
+    "head -c 100000 /dev/zero > zeros.bin\n",
+], ids=["trivial", "names-modes-times", "100-files", "100-kB"])
+def test_the_result_zip_is_what_zipfile_writes_of_the_job_folder(make_jobd, script):
+    """A result of a few small files is built in one piece, a bigger one streams through
+    Python's zipfile: either way its bytes are those zipfile writes of the job folder
+    (deflated; names, modes and times; folders kept; links left out)."""
+    server = make_jobd(env={"DEBUG": "true"})  # DEBUG keeps the folder to compare with
+    assert server.upload("same", {"run.sh": script}).status == 201
+    job = server.wait("same").json()
+    assert job["Status"] == "SUCCESS", job["Message"]
+    folder = str(server.data / "same")
+    expected = io.BytesIO()
+    with zipfile.ZipFile(expected, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as zf:
+        for root, folders, files in os.walk(folder):
+            folders.sort()
+            relative = os.path.relpath(root, folder)
+            if relative != ".":
+                zf.write(root, relative)
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if not os.path.islink(path):  # names that are not UTF-8 get U+FFFD
+                    zf.write(path, os.fsencode(os.path.normpath(os.path.join(relative, name)))
+                             .decode("utf-8", "replace"))
+    assert base64.b64decode(job["Output"]) == expected.getvalue()
+
+
+@pytest.fixture
+def shm_path():
+    """A folder on tmpfs, which keeps file times ext4 cannot hold (removed at the end)."""
+    path = tempfile.mkdtemp(dir="/dev/shm")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["in-one-piece", "streamed"])
+def test_a_time_a_zip_cannot_hold_leaves_out_only_that_entry(shm_path, make_jobd, many):
+    """A file or folder whose time localtime() cannot convert (on tmpfs a job can set
+    one) is left out of the result; the rest of it, the folder's files too, comes back."""
+    server = make_jobd(workdir=shm_path)
+    script = ("mkdir far; echo in > far/in.txt; echo kept > kept.txt\n"
+              "touch -d @1152921504606846976 far eoverflow.txt\n"
+              "touch -d @9223372036854775807 overflow.txt\n")
+    if many:
+        script += "for i in $(seq 100); do : > f$i; done\n"
+    assert server.upload("far", {"run.sh": script}).status == 201
+    job, files = server.output("far")
+    assert job["Status"] == "SUCCESS", job["Message"]
+    assert files["kept.txt"] == b"kept\n" and files["far/in.txt"] == b"in\n"
+    assert "run.sh" in files and ("f100" in files) == many
+    assert not {"far/", "eoverflow.txt", "overflow.txt"} & set(files)
 
 
 def test_failed_job_is_200_with_its_output(jobd):

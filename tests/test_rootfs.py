@@ -7,14 +7,13 @@ container runtime provides), runs one job over HTTP on
 namespace vanish with it; anything still mounted under a root afterwards is lazily unmounted.
 Root only: the cases are skipped, with the reason, for anyone else.
 """
+import contextlib
 import os
-import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jobd_client  # noqa: E402
+from conftest import Jobd  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BINARY = Path(os.environ.get("JOBD_BINARY") or REPO / "dist" / "jobd")
@@ -30,7 +30,6 @@ ROOTFS_CACHE = REPO / ".cache" / "rootfs" / "bookworm"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 JOB_TIMEOUT = 60.0
-LISTENING = re.compile(r"listening on http://(\S+):(\d+)")
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/",
@@ -106,24 +105,27 @@ def static_hello(tmp_path):
 
 # ---------------------------------------------------------------------------- running
 
-class Jail:
+class Jail(Jobd):
     """jobd started by chroot in a private mount namespace; always cleaned up by close()."""
 
     def __init__(self, root, prefix=(), setup=(), env=None, user=None, pid1=False, dev=True):
+        super().__init__(["/jobd"], root)  # (argv() says how it starts)
         self.root = Path(root)
         self.dev = dev               # mount a /dev with the basic nodes, as runtimes do
         self.prefix = list(prefix)   # shell steps before /proc is mounted (e.g. make the root)
         self.setup = list(setup)     # shell steps after
-        self.env = dict(BASE_ENV if env is None else env)
+        self.inner_env = dict(BASE_ENV if env is None else env)
         self.user = user
         self.pid1 = pid1
-        self.proc = None
-        self.lines = []
-        self.port = None
-        self._listening = threading.Event()
 
     def start(self, args=("--host", "127.0.0.1", "--port", "0", "--db", "/data/jobd.sqlite3",
                           "--data", "/data/jobs")):
+        """Launch jobd in the jail; wait_listening() or wait_exit() then."""
+        self.args = list(args)
+        self.launch()
+        return self
+
+    def argv(self):
         # What a container runtime gives every image, FROM scratch included: /proc, and a /dev
         # with the basic device nodes (jobs get /dev/null as stdin).
         dev = shlex.quote(str(self.root / "dev"))
@@ -135,39 +137,22 @@ class Jail:
                           "mount --bind /dev/%s %s/%s" % (node, dev, node)]
         steps += self.setup
         chroot = ["chroot"] + (["--userspec=%s" % self.user] if self.user else [])
-        env = ["env", "-i"] + ["%s=%s" % kv for kv in self.env.items()]
-        command = env + chroot + [str(self.root), "/jobd"] + list(args)
+        env = ["env", "-i"] + ["%s=%s" % kv for kv in self.inner_env.items()]
+        command = env + chroot + [str(self.root)] + self.command + self.args
         script = "set -e; %s; exec %s" % ("; ".join(steps), " ".join(map(shlex.quote, command)))
         unshare = ["unshare", "--mount", "--propagation", "private"]
         if self.pid1:
             unshare += ["--pid", "--fork", "--kill-child"]
-        self.proc = subprocess.Popen(unshare + ["/bin/sh", "-c", script], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        return self
-
-    def _read_stderr(self):
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            found = LISTENING.search(line)
-            if found and self.port is None:
-                self.port = int(found.group(2))
-                self._listening.set()
-        self._listening.set()   # EOF: the process is gone
+        return unshare + ["/bin/sh", "-c", script]
 
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.port
 
-    def wait_listening(self):
-        self._listening.wait(START_TIMEOUT)
-        assert self.port is not None, "jobd did not start:\n" + self.stderr()
-        return self
-
-    def stderr(self):
-        return "\n".join(self.lines)
+    def wait_listening(self, timeout=START_TIMEOUT):
+        port = super().wait_listening(timeout)
+        assert port is not None, "jobd did not start:\n" + self.log_text()
+        return port
 
     def target_pid(self):
         """The pid of jobd itself (with --pid --fork, the child of unshare: PID 1 inside)."""
@@ -193,15 +178,8 @@ class Jail:
         return code
 
     def close(self):
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.kill()
         unmount_below(self.root)
 
 
@@ -240,7 +218,7 @@ def run_and_stop(jail, job_id, script, files=None):
         job, output = jobd_client.run_job(jail.url, job_id, script, files, timeout=JOB_TIMEOUT)
     finally:
         code = jail.stop()
-        assert code == 0, "exit status %s after SIGTERM; stderr:\n%s" % (code, jail.stderr())
+        assert code == 0, "exit status %s after SIGTERM; stderr:\n%s" % (code, jail.log_text())
     return job, output
 
 
@@ -392,5 +370,5 @@ def test_unusable_temp_dir(tmp_path, jails, case):
     code = jail.wait_exit()
     lines = [line for line in jail.lines if line.strip()]
     assert code != 0
-    assert len(lines) == 1, "expected one line on stderr, got:\n" + jail.stderr()
+    assert len(lines) == 1, "expected one line on stderr, got:\n" + jail.log_text()
     assert "TMPDIR" in lines[0]
