@@ -109,7 +109,7 @@ class Jail(Jobd):
     """jobd started by chroot in a private mount namespace; always cleaned up by close()."""
 
     def __init__(self, root, prefix=(), setup=(), env=None, user=None, pid1=False, dev=True):
-        super().__init__(["/jobd"], root)  # (argv() says how it starts)
+        super().__init__(["/jobd"], root)  # the path inside the root; argv() wraps it
         self.root = Path(root)
         self.dev = dev               # mount a /dev with the basic nodes, as runtimes do
         self.prefix = list(prefix)   # shell steps before /proc is mounted (e.g. make the root)
