@@ -631,13 +631,12 @@ def extract_input_zip(source, job_dir, cfg):
     os.chmod(os.path.join(job_dir, RUN_SH), 0o775)
 
 
-def compression_for(path, size):
+def compression_for(f, size):
     """Deflate like Go, but store data that does not compress (deflating it only costs time)."""
     if size < MiB:
         return zipfile.ZIP_DEFLATED, 6
-    with open(open_job_file(path), "rb") as f:  # samples at its start, middle and end
-        samples = [os.pread(f.fileno(), 128 * KiB, offset)
-                   for offset in (0, size // 2, max(0, size - 128 * KiB))]
+    samples = [os.pread(f.fileno(), 128 * KiB, offset)  # at its start, middle and end
+               for offset in (0, size // 2, max(0, size - 128 * KiB))]
     if all(len(zlib.compress(sample, 1)) > 0.95 * len(sample) for sample in samples):
         return zipfile.ZIP_STORED, None
     return zipfile.ZIP_DEFLATED, 6 if size <= 16 * MiB else 1
@@ -663,7 +662,8 @@ def write_result_zip(job_dir, dest, leave_out=()):
                 if stat.S_ISDIR(st.st_mode):
                     zf.write(path, name)
                 else:
-                    add_file(zf, path, name, st.st_size)
+                    with open(open_job_file(path), "rb") as src:
+                        add_file(zf, src, path, name, st.st_size)
             except (OSError, OverflowError):  # unreadable, vanished, or a time out of range
                 continue  # the rest of the results still count
 
@@ -755,15 +755,16 @@ def open_job_file(path):
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
-def add_file(zf, path, arcname, size):
-    """Add one file to a zip being written, compressed as compression_for() says, in
-    steps of up to CHUNK (zf.write() copies 8 KiB at a time: a third of the CPU time)."""
+def add_file(zf, src, path, arcname, size):
+    """Add one file, open as src, to a zip being written, compressed as compression_for()
+    says, in steps of up to CHUNK (zf.write() copies 8 KiB at a time: a third of the CPU
+    time)."""
     info = zipfile.ZipInfo.from_file(path, arcname, strict_timestamps=False)
-    info.compress_type, level = compression_for(path, size)
+    info.compress_type, level = compression_for(src, size)
     # the level travels in the ZipInfo; its attribute is public since 3.13
     setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel",
             level)
-    with open(open_job_file(path), "rb") as src, zf.open(info, "w") as dst:
+    with zf.open(info, "w") as dst:
         shutil.copyfileobj(src, dst, min(CHUNK, size + 1))
 
 
@@ -5264,7 +5265,8 @@ class ZipPipe:
                     if size is None:
                         zf.write(path, name)
                     else:
-                        add_file(zf, path, name, size)
+                        with open(path, "rb") as src:  # links followed: see folder_entries
+                            add_file(zf, src, path, name, size)
             self.put(bytes(self.pending))
             self.put(None)
         except Exception as e:

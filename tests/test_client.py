@@ -304,6 +304,19 @@ def test_a_name_that_is_not_utf8_is_zipped_as_the_server_zips_it(client, tmp_pat
     assert (client.cwd / "odd" / "bad\ufffd.txt").read_bytes() == b"odd name\n"
 
 
+def test_links_in_a_submitted_folder_are_followed(client, tmp_path):
+    """As zip does: a link to a file or a folder goes as what it points to."""
+    folder = job_folder(tmp_path, {"run.sh": "cat linked.txt shared/s.txt\n"})
+    shared = job_folder(tmp_path, {"s.txt": "from a linked folder\n",
+                                   "file.txt": "from a linked file\n"}, name="shared")
+    os.symlink(shared / "file.txt", folder / "linked.txt")
+    os.symlink(shared, folder / "shared")
+    result = client.run("submit", folder, "--id", "links", "--wait", "-o", "links")
+    assert result.returncode == 0, result.stderr
+    assert (client.cwd / "links" / "jobd.stdout").read_text() == \
+        "from a linked file\nfrom a linked folder\n"
+
+
 def test_submit_zip_file(client, tmp_path):
     archive = tmp_path / "job.zip"
     archive.write_bytes(make_zip({"run.sh": "echo zipped > z.txt\n"}))
