@@ -632,7 +632,8 @@ def extract_input_zip(source, job_dir, cfg):
 
 
 def compression_for(f, size):
-    """Deflate like Go, but store data that does not compress (deflating it only costs time)."""
+    """Deflate like Go, but store data that does not compress (deflating it only costs
+    time); f is the file, open."""
     if size < MiB:
         return zipfile.ZIP_DEFLATED, 6
     samples = [os.pread(f.fileno(), 128 * KiB, offset)  # at its start, middle and end
@@ -713,12 +714,12 @@ def small_zip(entries):
                     data = f.read(st.st_size)
         except (OSError, OverflowError):  # as in write_result_zip: the rest still counts
             continue
+        attr = (st.st_mode & 0xFFFF) << 16 | (0x10 if folder else 0)  # 0x10: MS-DOS folder
         if folder:
-            method, packed, attr = zipfile.ZIP_STORED, b"", (st.st_mode & 0xFFFF) << 16 | 0x10
+            method, packed = zipfile.ZIP_STORED, b""
         else:
             deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
             method, packed = zipfile.ZIP_DEFLATED, deflate.compress(data) + deflate.flush()
-            attr = (st.st_mode & 0xFFFF) << 16
         try:
             encoded, flags = name.encode("ascii"), 0
         except UnicodeEncodeError:
